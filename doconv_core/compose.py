@@ -1,0 +1,148 @@
+"""Kernel composition, embedding and fusion: the D∘W math, once, in NumPy.
+
+Canonical layout (doconv-math.md): D (C_in, MN, D_mul), W (C_out, C_in/g, D_mul),
+composed kernel K (C_out, C_in/g, M, N) with
+
+    K[o, i, m] = sum_s (D + D_diag)[c(o, i), m, s] * W[o, i, s]
+    c(o, i)    = floor(o / (C_out/g)) * (C_in/g) + i
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .spec import ConvSpec, check_int, check_pair
+
+
+def identity_d(in_channels: int, mn: int, D_mul: int, dtype: np.dtype = np.float32) -> np.ndarray:
+    """D_diag: per channel, floor(D_mul/MN) MN x MN identities side by side, then zeros."""
+    block = np.zeros((mn, D_mul), dtype=dtype)
+    copies = D_mul // mn
+    block[:, : copies * mn] = np.tile(np.eye(mn, dtype=dtype), (1, copies))
+    return np.broadcast_to(block, (in_channels, mn, D_mul)).copy()
+
+
+def _shapes(D: np.ndarray | None, W: np.ndarray, groups: int,
+            kernel_size: Sequence[int]) -> tuple[int, int, int, int, int, int]:
+    """(C_in, C_out, I_g, O_g, MN, D_mul) after checking D and W agree with each other."""
+    groups = check_int("groups", groups)
+    M, N = check_pair("kernel_size", kernel_size)
+    if W.ndim != 3:
+        raise ValueError(f"W must have shape (C_out, C_in/groups, D_mul), got shape {W.shape}")
+    C_out, I_g, D_mul = W.shape
+    if C_out % groups:
+        raise ValueError(f"W's C_out ({C_out}) must be divisible by groups ({groups})")
+    mn = M * N
+    C_in = I_g * groups
+    if D is None:
+        if mn != 1 or D_mul != 1:
+            raise ValueError(
+                f"D is required for a {M}x{N} kernel; without D, W must be (C_out, C_in/groups, 1) "
+                f"for a 1x1 kernel, got W shape {W.shape}"
+            )
+    elif D.shape != (C_in, mn, D_mul):
+        raise ValueError(
+            f"D must have shape (C_in, M*N, D_mul) = {(C_in, mn, D_mul)} to match W {W.shape}, "
+            f"groups={groups} and kernel_size={(M, N)}, got shape {D.shape}"
+        )
+    return C_in, C_out, I_g, C_out // groups, mn, D_mul
+
+
+def compose_kernel(D: np.ndarray | None, W: np.ndarray, *, groups: int,
+                   kernel_size: Sequence[int], add_identity: bool = True) -> np.ndarray:
+    """The effective OIHW kernel of a DO-Conv layer, as one batched product.
+
+    ``add_identity`` adds D_diag to D (the trainable D is stored without it).
+    D is None for a 1x1 kernel, where the kernel is W itself.
+    """
+    D = None if D is None else np.asarray(D)
+    W = np.asarray(W)
+    C_in, C_out, I_g, O_g, mn, D_mul = _shapes(D, W, groups, kernel_size)
+    M, N = check_pair("kernel_size", kernel_size)
+    if D is None:
+        return W.reshape(C_out, I_g, M, N).copy()
+    D_total = D + identity_d(C_in, mn, D_mul, D.dtype) if add_identity else D
+    # Batch over (group, input slot): (g, I_g, O_g, S) @ (g, I_g, S, MN) -> (g, I_g, O_g, MN).
+    W_batched = W.reshape(groups, O_g, I_g, D_mul).transpose(0, 2, 1, 3)
+    D_batched = D_total.reshape(groups, I_g, mn, D_mul).transpose(0, 1, 3, 2)
+    K = np.matmul(W_batched, D_batched)
+    return K.transpose(0, 2, 1, 3).reshape(C_out, I_g, M, N)
+
+
+def compose_kernel_vjp(grad_K: np.ndarray, D: np.ndarray | None, W: np.ndarray, *, groups: int,
+                       kernel_size: Sequence[int]) -> tuple[np.ndarray | None, np.ndarray]:
+    """(dL/dD, dL/dW) given dL/dK: the reference for the adapters' gradients."""
+    D = None if D is None else np.asarray(D)
+    W = np.asarray(W)
+    C_in, C_out, I_g, O_g, mn, D_mul = _shapes(D, W, groups, kernel_size)
+    grad_K = np.asarray(grad_K)
+    if grad_K.shape != (C_out, I_g) + tuple(kernel_size):
+        raise ValueError(f"grad_K must have the kernel's shape, got {grad_K.shape}")
+    if D is None:
+        return None, grad_K.reshape(W.shape).copy()
+    D_total = D + identity_d(C_in, mn, D_mul, D.dtype)
+    gK = grad_K.reshape(groups, O_g, I_g, mn)
+    Wg = W.reshape(groups, O_g, I_g, D_mul)
+    Dg = D_total.reshape(groups, I_g, mn, D_mul)
+    grad_W = np.einsum("goim,gims->gois", gK, Dg).reshape(W.shape)
+    grad_D = np.einsum("goim,gois->gims", gK, Wg).reshape(D.shape)
+    return grad_D, grad_W
+
+
+def embed_kernel(kernel: np.ndarray, *, groups: int, D_mul: int | None = None
+                 ) -> tuple[np.ndarray | None, np.ndarray]:
+    """(D, W) whose composition is exactly ``kernel`` (OIHW): D = 0, W[..., :MN] = kernel."""
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(f"kernel must be OIHW (4 dimensions), got shape {kernel.shape}")
+    C_out, I_g, M, N = kernel.shape
+    groups = check_int("groups", groups)
+    if C_out % groups:
+        raise ValueError(f"the kernel's C_out ({C_out}) must be divisible by groups ({groups})")
+    spec = ConvSpec(I_g * groups, C_out, (M, N), groups=groups, D_mul=D_mul)
+    W = np.zeros(spec.W_shape, dtype=kernel.dtype)
+    W[:, :, : spec.mn] = kernel.reshape(C_out, I_g, spec.mn)
+    D = np.zeros(spec.D_shape, dtype=kernel.dtype) if spec.has_D else None
+    return D, W
+
+
+def fuse(D: np.ndarray | None, W: np.ndarray, bias: np.ndarray | None, spec: ConvSpec
+         ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(kernel, bias) of the plain conv equal to this DO-Conv layer."""
+    check_params(spec, D, W, bias)
+    kernel = compose_kernel(D, W, groups=spec.groups, kernel_size=spec.kernel_size)
+    return kernel, None if bias is None else np.array(bias, copy=True)
+
+
+def check_params(spec: ConvSpec, D: np.ndarray | None, W: np.ndarray,
+                 bias: np.ndarray | None) -> None:
+    """Raise ValueError unless D, W and bias have the shapes ``spec`` gives them."""
+    expected = {"D": spec.D_shape, "W": spec.W_shape,
+                "bias": (spec.out_channels,) if spec.bias else None}
+    for name, array in (("D", D), ("W", W), ("bias", bias)):
+        want = expected[name]
+        got = None if array is None else tuple(np.shape(array))
+        if want != got:
+            raise ValueError(
+                f"{name} must have shape {want} for this layer, got "
+                f"{'no array' if got is None else got}"
+            )
+
+
+# Layout helpers. PyTorch and Gluon kernels are OIHW, Keras' are HWIO.
+def oihw_to_hwio(kernel: np.ndarray) -> np.ndarray:
+    return np.transpose(kernel, (2, 3, 1, 0))
+
+
+def hwio_to_oihw(kernel: np.ndarray) -> np.ndarray:
+    return np.transpose(kernel, (3, 2, 0, 1))
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
+    return np.transpose(x, (0, 3, 1, 2))

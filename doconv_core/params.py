@@ -1,0 +1,148 @@
+"""The portable parameter container: D, W, bias and hyper-parameters, saved as ``.npz``.
+
+Every adapter exports to and imports from it, so a layer (or a whole model, as a
+mapping of layer names to parameters) trained in one framework loads in another.
+Arrays are stored in the canonical layout; the metadata is one JSON string. Files are
+read with ``allow_pickle=False``, so loading never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from typing import Mapping, Union
+
+import numpy as np
+
+from .compose import check_params, compose_kernel
+from .spec import ConvSpec
+
+FORMAT_NAME = "doconv.params"
+FORMAT_VERSION = 1
+_META_KEY = "__doconv_meta__"
+
+
+class CheckpointError(ValueError):
+    """A parameter file or legacy checkpoint that cannot be loaded as asked."""
+
+
+@dataclasses.dataclass
+class DOConvParams:
+    """One layer's parameters in the canonical layout (D is None for a 1x1 kernel)."""
+
+    spec: ConvSpec
+    W: np.ndarray
+    D: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, ConvSpec):
+            raise ValueError(f"spec must be a ConvSpec, got {type(self.spec).__name__}")
+        if self.spec.in_channels is None:
+            raise ValueError("spec.in_channels must be known to hold parameters, got None")
+        self.W = np.asarray(self.W)
+        self.D = None if self.D is None else np.asarray(self.D)
+        self.bias = None if self.bias is None else np.asarray(self.bias)
+        check_params(self.spec, self.D, self.W, self.bias)
+
+    def kernel(self) -> np.ndarray:
+        """The composed OIHW kernel."""
+        return compose_kernel(self.D, self.W, groups=self.spec.groups,
+                              kernel_size=self.spec.kernel_size)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        save_params(path, {"layer": self})
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "DOConvParams":
+        layers = load_params(path)
+        if len(layers) != 1:
+            raise CheckpointError(
+                f"{os.fspath(path)!r} holds {len(layers)} layers ({sorted(layers)}); "
+                "use load_params for a multi-layer file"
+            )
+        return next(iter(layers.values()))
+
+
+ParamsMapping = Mapping[str, DOConvParams]
+
+
+def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, ParamsMapping]) -> None:
+    """Write one layer or a {name: DOConvParams} mapping to an ``.npz`` file."""
+    if isinstance(layers, DOConvParams):
+        layers = {"layer": layers}
+    meta: dict = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": {}}
+    arrays: dict[str, np.ndarray] = {}
+    for name, params in layers.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"layer names must be non-empty strings without '/', got {name!r}")
+        if not isinstance(params, DOConvParams):
+            raise ValueError(
+                f"layers[{name!r}] must be DOConvParams, got {type(params).__name__}"
+            )
+        meta["layers"][name] = params.spec.to_dict()
+        arrays[f"{name}/W"] = params.W
+        if params.D is not None:
+            arrays[f"{name}/D"] = params.D
+        if params.bias is not None:
+            arrays[f"{name}/bias"] = params.bias
+    arrays[_META_KEY] = np.array(json.dumps(meta))
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
+    """Read a file written by ``save_params``; every problem is a CheckpointError."""
+    where = repr(os.fspath(path))
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise CheckpointError(f"{where} is not a readable .npz file: {error}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise CheckpointError(f"{where} is a single .npy array, not a doconv .npz file")
+    with archive:
+        try:
+            arrays = {key: archive[key] for key in archive.files}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+            # allow_pickle=False makes object arrays fail here instead of unpickling.
+            raise CheckpointError(f"{where} holds an array that cannot be read safely: {error}"
+                                  ) from None
+    if _META_KEY not in arrays:
+        raise CheckpointError(f"{where} has no doconv metadata: not a doconv parameter file")
+    try:
+        meta = json.loads(str(arrays.pop(_META_KEY)))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{where} has corrupt metadata: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{where} is not a {FORMAT_NAME} file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} has format version {meta.get('version')!r}; this doconv reads version "
+            f"{FORMAT_VERSION}"
+        )
+    layers: dict[str, DOConvParams] = {}
+    used: set[str] = set()
+    for name, config in dict(meta.get("layers", {})).items():
+        try:
+            spec = ConvSpec.from_dict(config)
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"{where}: layer {name!r} has invalid settings: {error}"
+                                  ) from None
+        found = {}
+        for part, required in (("W", True), ("D", spec.has_D), ("bias", spec.bias)):
+            key = f"{name}/{part}"
+            if key in arrays:
+                found[part] = arrays[key]
+                used.add(key)
+            elif required:
+                raise CheckpointError(f"{where}: layer {name!r} is missing its {part} array")
+        try:
+            layers[name] = DOConvParams(spec, found["W"], found.get("D"), found.get("bias"))
+        except ValueError as error:
+            raise CheckpointError(f"{where}: layer {name!r}: {error}") from None
+    extra = set(arrays) - used
+    if extra:
+        raise CheckpointError(f"{where} holds arrays no layer describes: {sorted(extra)}")
+    return layers

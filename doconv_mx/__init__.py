@@ -1,0 +1,1 @@
+"""doconv for MXNet Gluon: not implemented yet (see the project's issue tracker)."""

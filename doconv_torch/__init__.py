@@ -1,0 +1,1 @@
+"""doconv for PyTorch: not implemented yet (see the project's issue tracker)."""

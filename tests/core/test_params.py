@@ -1,0 +1,122 @@
+"""The portable .npz parameter container."""
+
+import json
+
+import numpy as np
+import pytest
+
+import doconv_core as dc
+from doconv_core.params import _META_KEY
+
+
+def make_params(spec, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return dc.DOConvParams(
+        spec,
+        W=rng.standard_normal(spec.W_shape).astype(dtype),
+        D=rng.standard_normal(spec.D_shape).astype(dtype) if spec.has_D else None,
+        bias=rng.standard_normal(spec.out_channels).astype(dtype) if spec.bias else None)
+
+
+LAYERS = {
+    "stem.conv": make_params(dc.ConvSpec(3, 8, 3, 2, "same", D_mul=12), 1),
+    "block.0.dw": make_params(dc.ConvSpec(8, 16, 3, padding=1, groups=8, bias=False,
+                                          padding_mode="reflect"), 2, np.float64),
+    "head": make_params(dc.ConvSpec(16, 4, 1, groups=2), 3),
+}
+
+
+def test_round_trip_preserves_everything(tmp_path):
+    path = tmp_path / "model.npz"
+    dc.save_params(path, LAYERS)
+    loaded = dc.load_params(path)
+    assert list(loaded) == list(LAYERS)
+    for name, original in LAYERS.items():
+        copy = loaded[name]
+        assert copy.spec == original.spec
+        for part in ("W", "D", "bias"):
+            a, b = getattr(original, part), getattr(copy, part)
+            if a is None:
+                assert b is None
+            else:
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(copy.kernel(), original.kernel())
+
+
+def test_single_layer_save_and_load(tmp_path):
+    params = LAYERS["stem.conv"]
+    params.save(tmp_path / "one.npz")
+    assert dc.DOConvParams.load(tmp_path / "one.npz").spec == params.spec
+    dc.save_params(tmp_path / "many.npz", LAYERS)
+    with pytest.raises(dc.CheckpointError, match="holds 3 layers"):
+        dc.DOConvParams.load(tmp_path / "many.npz")
+
+
+def test_params_validate_shapes():
+    spec = dc.ConvSpec(4, 4, 3)
+    with pytest.raises(ValueError, match=r"D must have shape \(4, 9, 9\) for this layer, got no array"):
+        dc.DOConvParams(spec, W=np.zeros(spec.W_shape))
+    with pytest.raises(ValueError, match="spec.in_channels must be known"):
+        dc.DOConvParams(dc.ConvSpec(None, 4, 1), W=np.zeros((4, 4, 1)))
+
+
+def rewrite(path, change):
+    """Load the raw arrays of a saved file, apply change(arrays), save them again."""
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+def set_meta(arrays, **updates):
+    meta = json.loads(str(arrays[_META_KEY]))
+    meta.update(updates)
+    arrays[_META_KEY] = np.array(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: set_meta(a, version=99), r"has format version 99; this doconv reads version 1"),
+    (lambda a: set_meta(a, format="other"), r"is not a doconv.params file"),
+    (lambda a: a.pop("head/W"), r"layer 'head' is missing its W array"),
+    (lambda a: a.pop("stem.conv/D"), r"layer 'stem.conv' is missing its D array"),
+    (lambda a: a.update({"head/W": np.zeros((4, 8, 2))}),
+     r"layer 'head': W must have shape \(4, 8, 1\) for this layer, got \(4, 8, 2\)"),
+    (lambda a: a.update({"extra/W": np.zeros(3)}), r"holds arrays no layer describes: \['extra/W'\]"),
+    (lambda a: a.pop(_META_KEY), r"has no doconv metadata"),
+    (lambda a: a.update({_META_KEY: np.array("{not json")}), r"has corrupt metadata"),
+    (lambda a: set_meta(a, layers={"head": {"in_channels": 16}}),
+     r"layer 'head' has invalid settings"),
+])
+def test_load_rejects_bad_files(tmp_path, change, message):
+    path = tmp_path / "model.npz"
+    dc.save_params(path, LAYERS)
+    rewrite(path, change)
+    with pytest.raises(dc.CheckpointError, match=message):
+        dc.load_params(path)
+
+
+def test_load_never_unpickles(tmp_path):
+    path = tmp_path / "evil.npz"
+    dc.save_params(path, LAYERS)
+    rewrite(path, lambda a: a.update({"head/W": np.array([object()], dtype=object)}))
+    with pytest.raises(dc.CheckpointError, match="cannot be read safely"):
+        dc.load_params(path)
+
+
+def test_load_rejects_non_npz_files(tmp_path):
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(dc.CheckpointError, match="is not a readable .npz file"):
+        dc.load_params(tmp_path / "text.npz")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(dc.CheckpointError, match="single .npy array"):
+        dc.load_params(tmp_path / "array.npy")
+    with pytest.raises(dc.CheckpointError, match="not a readable"):
+        dc.load_params(tmp_path / "missing.npz")
+
+
+def test_save_rejects_bad_names(tmp_path):
+    with pytest.raises(ValueError, match="layer names must be non-empty strings without '/'"):
+        dc.save_params(tmp_path / "x.npz", {"a/b": LAYERS["head"]})
+    with pytest.raises(ValueError, match=r"layers\['a'\] must be DOConvParams, got dict"):
+        dc.save_params(tmp_path / "x.npz", {"a": {}})
