@@ -5,7 +5,8 @@ The formulas are specified in doconv-math.md and documented once, here:
 * ``ConvSpec``: validated layer hyper-parameters and canonical shapes
   D (C_in, M*N, D_mul), W (C_out, C_in/g, D_mul), kernel (C_out, C_in/g, M, N).
 * ``compose_kernel``, ``compose_kernel_vjp``, ``identity_d``, ``embed_kernel``, ``fuse``.
-* ``conv2d``, ``doconv2d``, ``doconv2d_features``: NumPy reference convolutions.
+* ``conv2d``, ``doconv2d``, ``doconv2d_features``: NumPy reference convolutions, and
+  ``conv2d_vjp``, ``doconv2d_vjp``: their gradients, the oracle for the adapters' autograd.
 * ``DOConvParams``, ``save_params``, ``load_params``: the portable ``.npz`` container.
 * ``import_legacy_torch``, ``import_legacy_tf``, ``import_legacy_gluon``: the authors'
   original checkpoints.
@@ -31,7 +32,14 @@ from .params import (
     load_params,
     save_params,
 )
-from .reference import conv2d, doconv2d, doconv2d_features, pad_input
+from .reference import (
+    conv2d,
+    conv2d_vjp,
+    doconv2d,
+    doconv2d_features,
+    doconv2d_vjp,
+    pad_input,
+)
 from .spec import PADDING_MODES, ConvSpec, check_D_mul, check_int, check_pair, check_padding
 
 __version__ = "0.1.0"
@@ -40,7 +48,7 @@ __all__ = [
     "ConvSpec", "PADDING_MODES", "check_D_mul", "check_int", "check_pair", "check_padding",
     "check_params", "compose_kernel", "compose_kernel_vjp", "embed_kernel", "fuse",
     "identity_d", "oihw_to_hwio", "hwio_to_oihw", "nchw_to_nhwc", "nhwc_to_nchw",
-    "conv2d", "doconv2d", "doconv2d_features", "pad_input",
+    "conv2d", "conv2d_vjp", "doconv2d", "doconv2d_features", "doconv2d_vjp", "pad_input",
     "DOConvParams", "save_params", "load_params", "CheckpointError", "FORMAT_VERSION",
     "LegacyImport", "import_legacy_torch", "import_legacy_tf", "import_legacy_gluon",
 ]
