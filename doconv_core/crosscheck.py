@@ -1,0 +1,243 @@
+"""Cross-framework equivalence through files.
+
+No environment holds all three frameworks, so each framework's test env runs its
+adapter on the fixed case set (``doconv_core.cases.property_cases``) and writes, per
+case and dtype, the output, the composed kernel and the gradients of a fixed loss
+``sum(y * R)`` (R seeded per case) to ``<artifacts>/<framework>.npz``, everything in
+the canonical layout (NCHW data, OIHW kernel, D and W as in doconv-math.md). The
+``cross`` env then compares every framework with the NumPy reference and with each
+other, and fails on any error above tolerance, on missing artifacts, or on artifacts
+made from another case set.
+
+    python -m doconv_core.crosscheck --artifacts DIR [--frameworks torch,keras-tf,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import sys
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .cases import Case, digest, property_cases
+from .compose import compose_kernel
+from .params import CheckpointError
+from .reference import doconv2d, doconv2d_vjp
+
+FIELDS = ("output", "kernel", "grad_x", "grad_D", "grad_W", "grad_bias")
+DTYPES = ("float32", "float64")
+# Relative error = max |a - b| / max(|reference|, 1e-12): float32 results carry about 1e-7
+# relative rounding per operation; a few hundred accumulations stay far below 1e-4.
+TOLERANCE = {"float32": 1e-4, "float64": 1e-9}
+FORMAT = "doconv.crosscheck"
+VERSION = 1
+_META = "__manifest__"
+
+
+def loss_weights(case: Case, output_shape: Sequence[int], dtype: str) -> np.ndarray:
+    """R in the fixed loss sum(y * R): seeded by the case's name."""
+    seed = int.from_bytes(hashlib.sha256(("loss:" + case.name).encode()).digest()[:4], "little")
+    return np.random.default_rng(seed).standard_normal(tuple(output_shape)).astype(dtype)
+
+
+def case_inputs(case: Case, dtype: str) -> dict[str, np.ndarray | None]:
+    """x, D, W, bias every framework starts from (canonical layout)."""
+    return case.arrays(np.dtype(dtype))
+
+
+def reference_results(case: Case, dtype: str) -> dict[str, np.ndarray | None]:
+    """The NumPy reference for one case, computed in float64 and cast to ``dtype``."""
+    arrays = case.arrays(np.float64)
+    # Inputs are generated in float64 and cast, so cast them as every framework sees them.
+    arrays = {k: None if v is None else v.astype(dtype).astype(np.float64)
+              for k, v in arrays.items()}
+    x, D, W, bias = arrays["x"], arrays["D"], arrays["W"], arrays["bias"]
+    y = doconv2d(x, D, W, bias, case.spec)
+    grads = doconv2d_vjp(x, D, W, bias, case.spec,
+                         loss_weights(case, y.shape, dtype).astype(np.float64))
+    results = {"output": y, "kernel": compose_kernel(D, W, groups=case.spec.groups,
+                                                      kernel_size=case.spec.kernel_size)}
+    results.update({f"grad_{k}": v for k, v in grads.items()})
+    return results
+
+
+@dataclasses.dataclass
+class Artifacts:
+    framework: str
+    case_set: str
+    results: dict[tuple[str, str], dict[str, np.ndarray]]  # (case, dtype) -> field -> array
+    unsupported: dict[str, str]  # "case" or "case@dtype" -> reason
+
+
+def write_artifacts(directory: str | os.PathLike, framework: str,
+                    results: Mapping[tuple[str, str], Mapping[str, np.ndarray | None]],
+                    unsupported: Mapping[str, str], cases: Sequence[Case] | None = None) -> str:
+    """Save one framework's results; ``unsupported`` names what it cannot express, and why."""
+    cases = property_cases() if cases is None else list(cases)
+    names = {case.name for case in cases}
+    arrays: dict[str, np.ndarray] = {}
+    for (case_name, dtype), fields in results.items():
+        if case_name not in names or dtype not in DTYPES:
+            raise ValueError(f"results key must be (case name, dtype), got {(case_name, dtype)}")
+        for field, value in fields.items():
+            if field not in FIELDS:
+                raise ValueError(f"result field must be one of {FIELDS}, got {field!r}")
+            if value is not None:
+                arrays[f"{case_name}@{dtype}/{field}"] = np.asarray(value)
+    manifest = {"format": FORMAT, "version": VERSION, "framework": framework,
+                "case_set": digest(cases), "unsupported": dict(unsupported)}
+    arrays[_META] = np.array(json.dumps(manifest))
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{framework}.npz")
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def read_artifacts(directory: str | os.PathLike, framework: str) -> Artifacts:
+    path = os.path.join(directory, f"{framework}.npz")
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"no artifacts for {framework!r} at {path}: run that framework's tox env first")
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    manifest = json.loads(str(arrays.pop(_META)))
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a version-{VERSION} {FORMAT} file")
+    results: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        head, field = key.rsplit("/", 1)
+        case_name, dtype = head.rsplit("@", 1)
+        results.setdefault((case_name, dtype), {})[field] = value
+    return Artifacts(manifest["framework"], manifest["case_set"], results,
+                     manifest["unsupported"])
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    dtype: str
+    pair: str  # "torch~reference", "torch~keras-tf", ...
+    field: str
+    max_abs: float
+    max_rel: float
+    ok: bool
+    note: str = ""
+
+
+def _errors(a: np.ndarray, b: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    max_abs = float(np.max(np.abs(a64 - b64))) if a.size else 0.0
+    denominator = max(float(np.max(np.abs(scale))) if scale.size else 0.0, 1e-12)
+    return max_abs, max_abs / denominator
+
+
+def compare(artifacts: Sequence[Artifacts], cases: Sequence[Case] | None = None) -> list[Row]:
+    """Every framework against the reference, and every pair of frameworks with each other."""
+    cases = property_cases() if cases is None else list(cases)
+    expected_digest = digest(cases)
+    rows: list[Row] = []
+    for art in artifacts:
+        if art.case_set != expected_digest:
+            rows.append(Row("*", "*", f"{art.framework}~reference", "*", float("inf"),
+                            float("inf"), False,
+                            f"made from case set {art.case_set}, expected {expected_digest}"))
+    current = [a for a in artifacts if a.case_set == expected_digest]
+    for case, dtype in itertools.product(cases, DTYPES):
+        reference = reference_results(case, dtype)
+        present = {}
+        for art in current:
+            skip = art.unsupported.get(case.name) or art.unsupported.get(f"{case.name}@{dtype}")
+            if skip is not None:
+                continue
+            fields = art.results.get((case.name, dtype))
+            if fields is None:
+                rows.append(Row(case.name, dtype, f"{art.framework}~reference", "*",
+                                float("inf"), float("inf"), False,
+                                "missing: neither computed nor listed as unsupported"))
+                continue
+            present[art.framework] = fields
+        sources = [("reference", reference)] + list(present.items())
+        for (name_a, a), (name_b, b) in itertools.combinations(sources, 2):
+            for field in FIELDS:
+                ref_value = reference[field]
+                if ref_value is None:
+                    continue
+                if field not in a or field not in b:
+                    rows.append(Row(case.name, dtype, f"{name_b}~{name_a}", field, float("inf"),
+                                    float("inf"), False, "field missing"))
+                    continue
+                max_abs, max_rel = _errors(np.asarray(a[field]), np.asarray(b[field]), ref_value)
+                rows.append(Row(case.name, dtype, f"{name_b}~{name_a}", field, max_abs, max_rel,
+                                max_rel <= TOLERANCE[dtype]))
+    return rows
+
+
+def summary_table(rows: Iterable[Row]) -> str:
+    """Per framework pair and dtype: cases compared, worst relative error per field, verdict."""
+    rows = list(rows)
+    pairs = sorted({(r.pair, r.dtype) for r in rows if r.dtype != "*"})
+    header = ["pair", "dtype", "cases"] + [f"max rel {f}" for f in FIELDS] + ["tolerance", "ok"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for pair, dtype in pairs:
+        selected = [r for r in rows if r.pair == pair and r.dtype == dtype]
+        cells = [pair, dtype, str(len({r.case for r in selected}))]
+        for field in FIELDS:
+            values = [r.max_rel for r in selected if r.field == field]
+            cells.append(f"{max(values):.1e}" if values else "n/a")
+        cells += [f"{TOLERANCE[dtype]:.0e}", "yes" if all(r.ok for r in selected) else "NO"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def failure_lines(rows: Iterable[Row], limit: int = 30) -> list[str]:
+    bad = [r for r in rows if not r.ok]
+    lines = [f"FAIL {r.case} [{r.dtype}] {r.pair} {r.field}: max abs {r.max_abs:.3e}, "
+             f"max rel {r.max_rel:.3e} {r.note}".rstrip() for r in bad[:limit]]
+    if len(bad) > limit:
+        lines.append(f"... and {len(bad) - limit} more failures")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifacts", required=True, help="folder the framework envs wrote to")
+    parser.add_argument("--frameworks", default="torch,keras-tf,keras-jax,mx",
+                        help="comma-separated; each must have written <artifacts>/<name>.npz")
+    parser.add_argument("--markdown", default=None, help="also write the summary table here")
+    args = parser.parse_args(argv)
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    loaded, missing = [], []
+    for framework in frameworks:
+        try:
+            loaded.append(read_artifacts(args.artifacts, framework))
+        except CheckpointError as error:
+            missing.append(str(error))
+    rows = compare(loaded)
+    table = summary_table(rows)
+    print(table)
+    for art in loaded:
+        if art.unsupported:
+            print(f"\n{art.framework}: {len(art.unsupported)} case(s) unsupported, e.g. "
+                  + "; ".join(f"{k}: {v}" for k, v in list(art.unsupported.items())[:3]))
+    for line in missing + failure_lines(rows):
+        print(line, file=sys.stderr)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(table + "\n")
+    failed = sum(not r.ok for r in rows)
+    print(f"\n{len(rows) - failed} comparisons within tolerance, {failed} failed, "
+          f"{len(missing)} framework(s) missing")
+    return 1 if missing or failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

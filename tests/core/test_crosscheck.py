@@ -1,0 +1,100 @@
+"""The cross-framework comparison logic, on simulated framework artifacts."""
+
+import numpy as np
+import pytest
+
+import doconv_core as dc
+from doconv_core import crosscheck
+from doconv_core.cases import property_cases
+from doconv_core.legacy import torch_channel_map
+
+CASES = ([c for c in property_cases() if c.name.startswith("between") and c.spec.has_D][:5]
+         + [c for c in property_cases() if c.name.startswith("one")][:5])
+
+
+def simulated(cases, kernel_fn=None, noise=0.0):
+    """What a correct (or deliberately broken) adapter would write."""
+    results = {}
+    for case in cases:
+        for dtype in crosscheck.DTYPES:
+            fields = crosscheck.reference_results(case, dtype)
+            if kernel_fn is not None and case.spec.has_D:
+                a = case.arrays(np.float64)
+                kernel = kernel_fn(case.spec, a["D"], a["W"])
+                y = dc.conv2d(a["x"], kernel, a["bias"], stride=case.spec.stride,
+                              padding=case.spec.padding, dilation=case.spec.dilation,
+                              groups=case.spec.groups, padding_mode=case.spec.padding_mode)
+                fields = dict(fields, kernel=kernel, output=y)
+            results[(case.name, dtype)] = {
+                k: None if v is None else (v * (1 + noise)).astype(dtype)
+                for k, v in fields.items()}
+    return results
+
+
+def original_torch_mapping_kernel(spec, D, W):
+    # The original PyTorch code's group mapping: slot (o, i) reads D[(o mod g)*(C_in/g) + i].
+    D_total = D + dc.identity_d(spec.in_channels, spec.mn, spec.D_mul, D.dtype)
+    kernel = np.einsum("oims,ois->oim", D_total[torch_channel_map(spec)], W)
+    return kernel.reshape(spec.kernel_shape)
+
+
+def run(tmp_path, frameworks, capsys):
+    code = crosscheck.main(["--artifacts", str(tmp_path), "--frameworks", ",".join(frameworks)])
+    return code, capsys.readouterr()
+
+
+@pytest.fixture
+def use_small_case_set(monkeypatch):
+    monkeypatch.setattr(crosscheck, "property_cases", lambda: CASES)
+
+
+def test_matching_frameworks_pass(tmp_path, capsys, use_small_case_set):
+    crosscheck.write_artifacts(tmp_path, "alpha", simulated(CASES), {}, CASES)
+    crosscheck.write_artifacts(tmp_path, "beta", simulated(CASES, noise=1e-11), {}, CASES)
+    code, out = run(tmp_path, ["alpha", "beta"], capsys)
+    assert code == 0, out.err
+    assert "| beta~alpha | float32 |" in out.out and "| alpha~reference | float64 |" in out.out
+    assert "0 failed, 0 framework(s) missing" in out.out
+
+
+def test_a_broken_group_mapping_fails(tmp_path, capsys, use_small_case_set):
+    crosscheck.write_artifacts(tmp_path, "good", simulated(CASES), {}, CASES)
+    broken = simulated(CASES, kernel_fn=original_torch_mapping_kernel)
+    crosscheck.write_artifacts(tmp_path, "broken", broken, {}, CASES)
+    code, out = run(tmp_path, ["good", "broken"], capsys)
+    assert code == 1
+    failing_cases = {line.split()[1] for line in out.err.splitlines() if line.startswith("FAIL")}
+    # Only grouped cases with 1 < g and C_out > g differ; g == 1 agrees with the paper.
+    assert failing_cases and all(name.startswith("between") for name in failing_cases)
+    assert "broken~reference" in out.err and "broken~good" in out.err
+
+
+def test_missing_artifacts_and_other_case_sets_fail(tmp_path, capsys, use_small_case_set):
+    crosscheck.write_artifacts(tmp_path, "alpha", simulated(CASES), {}, CASES)
+    code, out = run(tmp_path, ["alpha", "absent"], capsys)
+    assert code == 1 and "no artifacts for 'absent'" in out.err
+    crosscheck.write_artifacts(tmp_path, "stale", simulated(CASES[:3]), {}, CASES[:3])
+    code, out = run(tmp_path, ["alpha", "stale"], capsys)
+    assert code == 1 and "made from case set" in out.err
+
+
+def test_unsupported_cases_are_listed_not_failed(tmp_path, capsys, use_small_case_set):
+    results = simulated(CASES)
+    skipped = CASES[0].name
+    for dtype in crosscheck.DTYPES:
+        del results[(skipped, dtype)]
+    crosscheck.write_artifacts(tmp_path, "partial", results, {skipped: "padding mode"}, CASES)
+    code, out = run(tmp_path, ["partial"], capsys)
+    assert code == 0 and "1 case(s) unsupported" in out.out
+    # Dropping a case without listing it fails.
+    crosscheck.write_artifacts(tmp_path, "partial", results, {}, CASES)
+    code, out = run(tmp_path, ["partial"], capsys)
+    assert code == 1 and "neither computed nor listed as unsupported" in out.err
+
+
+def test_write_artifacts_rejects_unknown_keys(tmp_path):
+    with pytest.raises(ValueError, match="results key must be"):
+        crosscheck.write_artifacts(tmp_path, "x", {("nope", "float32"): {}}, {}, CASES)
+    with pytest.raises(ValueError, match="result field must be one of"):
+        crosscheck.write_artifacts(tmp_path, "x", {(CASES[0].name, "float32"): {"y": 1}}, {},
+                                   CASES)
