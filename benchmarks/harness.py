@@ -1,0 +1,95 @@
+"""Framework-free timing harness: variants interleaved (A B A B ...), medians, ratios, tables.
+
+Interleaving spreads slow drifts of the machine (thermal, other processes) evenly over
+the variants, so the ratio to the native conv is measured side by side in one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Mapping, Sequence
+
+
+def interleaved_times(variants: Mapping[str, Callable[[], object]], *, repeats: int = 15,
+                      warmup: int = 3, inner: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each variant: ``repeats`` samples, taken round-robin."""
+    if repeats < 1 or warmup < 0 or inner < 1:
+        raise ValueError(f"repeats and inner must be >= 1 and warmup >= 0, got "
+                         f"repeats={repeats}, warmup={warmup}, inner={inner}")
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner)
+    return samples
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    measure: str  # "train", "eval unfused", "eval fused", "peak memory", ...
+    values: dict[str, float]  # variant -> median seconds (or bytes for memory)
+    baseline: str = "native"
+    unit: str = "ms"
+
+    def ratio(self, variant: str) -> float:
+        return self.values[variant] / self.values[self.baseline]
+
+
+def medians(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{value * 1e3:.2f}"
+    if unit == "us":
+        return f"{value * 1e6:.0f}"
+    if unit == "MiB":
+        return f"{value / 2**20:.1f}"
+    return f"{value:.3g}"
+
+
+def format_table(rows: Sequence[Row], variants: Sequence[str]) -> str:
+    """Markdown: per case and measure, each variant's median and its ratio to the baseline."""
+    header = ["case", "measure", "unit"]
+    for variant in variants:
+        header.append(variant)
+        if rows and variant != rows[0].baseline:
+            header.append(f"{variant} / {rows[0].baseline}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.case, row.measure, row.unit]
+        for variant in variants:
+            present = variant in row.values
+            cells.append(_fmt(row.values[variant], row.unit) if present else "")
+            if variant != row.baseline:
+                cells.append(f"{row.ratio(variant):.3f}" if present else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_description(extra: Mapping[str, str] | None = None) -> str:
+    """CPU model, core count, Python and library versions: the context every figure needs."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} logical cores", f"{platform.system()} {platform.machine()}",
+             f"Python {platform.python_version()}"]
+    parts += [f"{name} {version}" for name, version in (extra or {}).items()]
+    return "; ".join(parts)
