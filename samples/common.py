@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -69,3 +70,18 @@ def accuracy_table(rows: dict[str, Sequence[float]], baseline: str | None = None
         cells = [f"{v:.2f}" for v in values] + [""] * (runs - len(values))
         lines.append("| " + " | ".join([name, *cells, f"{avg:.3f}", gain]) + " |")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One seeded training run of a sample; accuracies are test-set percentages."""
+
+    conv: str
+    seed: int
+    epoch_accuracy: list[float]  # after each epoch
+    fused_accuracy: float | None  # DO-Conv only: the fused, saved and reloaded plain model
+    seconds: float  # training wall time
+
+    @property
+    def accuracy(self) -> float:
+        return self.epoch_accuracy[-1]

@@ -1,0 +1,123 @@
+"""Reproduce the seed's demo tables: N seeded baseline runs and N DO-Conv runs of one framework.
+
+    python samples/reproduce.py --framework torch --dataset fashion-mnist --out docs/results
+
+Writes ``<out>/<framework>-<dataset>.md`` (the seed's table, every DO-Conv run's fused
+accuracy, wall times, machine, command) and ``<out>/<framework>-<dataset>.png`` (test
+accuracy per epoch, mean and min-max band). Each sample module provides
+``run_once(conv, seed, epochs, dataset, quiet) -> RunResult`` and ``SEED_EPOCHS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import machine_description  # noqa: E402
+from samples.common import RunResult, accuracy_table  # noqa: E402
+from samples.datasets import add_dataset_arguments, load_dataset  # noqa: E402
+
+MODULES = {"torch": "samples.sample_pt", "tf": "samples.sample_tf", "mx": "samples.sample_gluoncv"}
+LABELS = {"conv": "Baseline", "doconv": "DO-Conv"}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--framework", choices=sorted(MODULES), required=True)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the seed's")
+    parser.add_argument("--seed", type=int, default=0, help="run k uses seed + k")
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--no-plot", dest="plot", action="store_false")
+    parser.add_argument("--quiet", action="store_true")
+    add_dataset_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.runs < 1 or (args.epochs is not None and args.epochs < 1):
+        parser.error(f"--runs and --epochs must be >= 1, got {args.runs} and {args.epochs}")
+    return args
+
+
+def markdown_report(framework: str, dataset: str, source: str, results: dict[str, list[RunResult]],
+                    machine: str, command: str, versions: str) -> str:
+    rows = {LABELS[conv]: [r.accuracy for r in runs] for conv, runs in results.items()}
+    lines = [f"### {framework}, {dataset}", "",
+             accuracy_table(rows, baseline="Baseline"), ""]
+    doconv = results.get("doconv", [])
+    if doconv:
+        fused = ", ".join(f"{r.fused_accuracy:.2f}" for r in doconv)
+        same = all(r.fused_accuracy == r.accuracy for r in doconv)
+        lines.append(f"Fused DO-Conv accuracy per run: {fused} "
+                     f"({'identical to' if same else 'DIFFERENT FROM'} the unfused accuracy).")
+    for conv, runs in results.items():
+        seconds = sum(r.seconds for r in runs)
+        lines.append(f"Wall time, {LABELS[conv]}: {seconds:.0f} s for {len(runs)} runs "
+                     f"({seconds / len(runs):.1f} s per run).")
+    lines += ["", f"Data: {source}.", f"Machine: {machine}; {versions}.", "",
+              f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def plot(path: Path, title: str, results: dict[str, list[RunResult]]) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the plot needs matplotlib: pip install 'doconv[samples]' "
+                         "(or pass --no-plot)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for conv, runs in results.items():
+        curves = np.array([r.epoch_accuracy for r in runs])
+        epochs = np.arange(1, curves.shape[1] + 1)
+        axes.plot(epochs, curves.mean(0), marker="o", label=f"{LABELS[conv]} (mean of {len(runs)})")
+        axes.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.25)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    module = importlib.import_module(MODULES[args.framework])
+    data = load_dataset(args.dataset, args.data_dir, download=args.download,
+                        verbose=not args.quiet)
+    epochs = args.epochs or module.SEED_EPOCHS
+    results: dict[str, list[RunResult]] = {}
+    for conv in ("conv", "doconv"):
+        results[conv] = []
+        for k in range(args.runs):
+            result = module.run_once(conv, args.seed + k, epochs, data, args.quiet)
+            print(f"{LABELS[conv]} run {k + 1}: {result.accuracy:.2f}%"
+                  + ("" if result.fused_accuracy is None
+                     else f" (fused {result.fused_accuracy:.2f}%)")
+                  + f", {result.seconds:.1f} s", flush=True)
+            results[conv].append(result)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.framework}-{args.dataset}"
+    command = "python samples/reproduce.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    report = markdown_report(args.framework, args.dataset, data.source, results,
+                             machine_description(), command, module.versions())
+    (out / f"{stem}.md").write_text(report)
+    print(report)
+    if args.plot:
+        plot(out / f"{stem}.png", f"{args.framework}: {args.dataset}", results)
+    return {"results": results, "report": out / f"{stem}.md"}
+
+
+if __name__ == "__main__":
+    main()
