@@ -21,7 +21,7 @@ import itertools
 import json
 import os
 import sys
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -98,6 +98,36 @@ def write_artifacts(directory: str | os.PathLike, framework: str,
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)
     return path
+
+
+def output_shape(case: Case) -> tuple[int, int, int, int]:
+    batch = case.input_shape[0]
+    return (batch, case.spec.out_channels) + case.spec.output_size(case.input_shape[2:])
+
+
+def produce_artifacts(directory: str | os.PathLike, framework: str,
+                      compute: Callable[[Case, str, dict, np.ndarray], Mapping[str, np.ndarray]],
+                      unsupported_reason: Callable[[Case, str], str | None],
+                      cases: Sequence[Case] | None = None) -> str:
+    """Run one framework over the case set and write its artifacts.
+
+    ``compute(case, dtype, inputs, R)`` gets the canonical x, D, W, bias (``case_inputs``)
+    and the loss weights R, and returns the FIELDS in the canonical layout.
+    ``unsupported_reason(case, dtype)`` returns why the framework cannot express a case,
+    or None.
+    """
+    cases = property_cases() if cases is None else list(cases)
+    results: dict[tuple[str, str], Mapping[str, np.ndarray]] = {}
+    unsupported: dict[str, str] = {}
+    for case in cases:
+        for dtype in DTYPES:
+            reason = unsupported_reason(case, dtype)
+            if reason:
+                unsupported[f"{case.name}@{dtype}"] = reason
+                continue
+            R = loss_weights(case, output_shape(case), dtype)
+            results[(case.name, dtype)] = compute(case, dtype, case_inputs(case, dtype), R)
+    return write_artifacts(directory, framework, results, unsupported, cases)
 
 
 def read_artifacts(directory: str | os.PathLike, framework: str) -> Artifacts:

@@ -98,3 +98,23 @@ def test_write_artifacts_rejects_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="result field must be one of"):
         crosscheck.write_artifacts(tmp_path, "x", {(CASES[0].name, "float32"): {"y": 1}}, {},
                                    CASES)
+
+
+def test_produce_artifacts_with_a_numpy_framework(tmp_path, capsys, use_small_case_set):
+    def compute(case, dtype, inputs, R):
+        x, D, W, bias = inputs["x"], inputs["D"], inputs["W"], inputs["bias"]
+        y = dc.doconv2d_features(x, D, W, bias, case.spec)
+        grads = dc.doconv2d_vjp(x, D, W, bias, case.spec, R)
+        return {"output": y, "kernel": dc.compose_kernel(D, W, groups=case.spec.groups,
+                                                          kernel_size=case.spec.kernel_size),
+                **{f"grad_{k}": v for k, v in grads.items()}}
+
+    def unsupported(case, dtype):
+        return "no float64 here" if dtype == "float64" else None
+
+    crosscheck.produce_artifacts(tmp_path, "numpy", compute, unsupported, CASES)
+    art = crosscheck.read_artifacts(tmp_path, "numpy")
+    assert len(art.unsupported) == len(CASES) and len(art.results) == len(CASES)
+    code, out = run(tmp_path, ["numpy"], capsys)
+    assert code == 0, out.err
+    assert "| numpy~reference | float32 | 10 |" in out.out
