@@ -1,1 +1,24 @@
-"""doconv for PyTorch: not implemented yet (see the project's issue tracker)."""
+"""doconv for PyTorch: DOConv2d, a drop-in for nn.Conv2d, and whole-model convert/fuse.
+
+Train with DO-Conv, then ``fuse`` back to plain nn.Conv2d for deployment::
+
+    model = doconv_torch.convert(model)      # identical outputs, extra trainable D
+    ...                                      # train
+    plain = doconv_torch.fuse(model)         # plain nn.Conv2d, loads into the original model
+
+The math lives in ``doconv_core``; this package converts layouts and calls it.
+"""
+
+from .layer import DOConv2d
+from .model import (
+    LegacyLoadReport,
+    convert,
+    doconv_layers,
+    export_params,
+    fuse,
+    import_params,
+    load_legacy_state_dict,
+)
+
+__all__ = ["DOConv2d", "convert", "fuse", "doconv_layers", "export_params", "import_params",
+           "load_legacy_state_dict", "LegacyLoadReport"]

@@ -39,11 +39,14 @@ def _positive(text: str) -> int:
 def progress(items: Iterable[T], total: int, label: str, *, enabled: bool = True,
              stream=sys.stderr) -> Iterator[T]:
     """A dependency-free progress bar drawn on one line of stderr."""
-    start = time.perf_counter()
+    start = last_drawn = time.perf_counter()
     width = 30
     for index, item in enumerate(items, 1):
         yield item
-        if enabled and (index == total or index % max(1, total // 100) == 0):
+        now = time.perf_counter()
+        # Redraw at most five times a second (and at the end): a terminal is slow.
+        if enabled and (index == total or now - last_drawn >= 0.2):
+            last_drawn = now
             filled = width * index // total
             elapsed = time.perf_counter() - start
             stream.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] "
@@ -81,6 +84,7 @@ class RunResult:
     epoch_accuracy: list[float]  # after each epoch
     fused_accuracy: float | None  # DO-Conv only: the fused, saved and reloaded plain model
     seconds: float  # training wall time
+    fused_identical: bool | None = None  # DO-Conv only: the same predictions on every image
 
     @property
     def accuracy(self) -> float:

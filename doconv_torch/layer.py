@@ -1,0 +1,385 @@
+"""DOConv2d: a drop-in replacement for torch.nn.Conv2d (math: doconv_core, doconv-math.md)."""
+
+# No `from __future__ import annotations` here: TorchScript reads this module's annotations.
+import math
+import weakref
+from typing import Any, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+
+import doconv_core
+from doconv_core import ConvSpec, DOConvParams
+
+__all__ = ["DOConv2d"]
+
+_Size2 = Union[int, Tuple[int, int]]
+_Device = Optional[Union[str, torch.device]]
+
+
+def _numpy(tensor: Optional[Tensor]) -> Optional[np.ndarray]:
+    """A detached CPU NumPy copy; bfloat16 (which NumPy lacks) widens exactly to float32."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy().copy()
+
+
+class DOConv2d(nn.Module):
+    """Depthwise over-parameterized 2-D convolution with nn.Conv2d's signature plus ``D_mul``.
+
+    Trainable ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, M*N, D_mul; absent for a
+    1x1 kernel) and ``bias``; the fixed identity ``D_diag`` is a non-persistent buffer.
+    ``weight`` is the composed kernel, so code that reads ``conv.weight`` keeps working.
+    Subclasses nn.Module, not nn.Conv2d: tools that see an nn.Conv2d expect ``weight``
+    to be a Parameter (weight_norm, pruning, quantization, fusers) and would misfire.
+    """
+
+    __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels",
+                     "out_channels", "kernel_size", "D_mul"]
+    __annotations__ = {"bias": Optional[Tensor], "D": Optional[Tensor],
+                       "D_diag": Optional[Tensor]}
+    # Python-only properties: TorchScript compiles forward without them.
+    __jit_unused_properties__ = ["weight", "spec"]
+
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Union[str, Tuple[int, int]]
+    dilation: Tuple[int, int]
+    groups: int
+    padding_mode: str
+    D_mul: int
+    _reversed_padding_repeated_twice: List[int]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Size2,
+                 stride: _Size2 = 1, padding: Union[str, _Size2] = 0, dilation: _Size2 = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device: _Device = None, dtype: Optional[torch.dtype] = None, *,
+                 D_mul: Optional[int] = None) -> None:
+        spec = ConvSpec(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                        bias, padding_mode, D_mul=D_mul)
+        if spec.padding == "same" and spec.stride != (1, 1):
+            # PyTorch's own rule (nn.Conv2d raises the same); Keras allows it.
+            raise ValueError(
+                "padding='same' is not supported for strided convolutions in PyTorch, "
+                f"got stride={spec.stride}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating point torch.dtype, got {dtype!r}")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self._spec = spec
+        self.in_channels = spec.in_channels
+        self.out_channels = spec.out_channels
+        self.kernel_size = spec.kernel_size
+        self.stride = spec.stride
+        self.padding = spec.padding
+        self.dilation = spec.dilation
+        self.groups = spec.groups
+        self.padding_mode = spec.padding_mode
+        self.D_mul = spec.D_mul
+        # Read by code that inspects conv attributes generically.
+        self.transposed = False
+        self.output_padding = (0, 0)
+        # nn.Conv2d's F.pad argument for the non-zero padding modes (and 'same').
+        pads = [0, 0, 0, 0]
+        if spec.padding == "same":
+            for index, (k, d) in enumerate(zip(spec.kernel_size, spec.dilation)):
+                total = d * (k - 1)
+                pads[2 - 2 * index] = total // 2
+                pads[3 - 2 * index] = total - total // 2
+        elif spec.padding != "valid":
+            pads = [spec.padding[1], spec.padding[1], spec.padding[0], spec.padding[0]]
+        self._reversed_padding_repeated_twice = pads
+
+        self.W = nn.Parameter(torch.empty(spec.W_shape, **factory))
+        if spec.has_D:
+            self.D = nn.Parameter(torch.empty(spec.D_shape, **factory))
+            self.register_buffer("D_diag", torch.empty(spec.D_shape, **factory),
+                                 persistent=False)
+        else:
+            self.register_parameter("D", None)
+            self.register_buffer("D_diag", None, persistent=False)
+        if spec.bias:
+            self.bias = nn.Parameter(torch.empty(spec.out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self._cache = None  # (key, kernel, kernel's version): see _kernel
+        self.reset_parameters()
+
+    # -- initialisation ----------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """W and bias as nn.Conv2d initialises weight and bias (same fan-in), D = 0."""
+        # The fan-in of the equivalent (C_out, C_in/g, M, N) kernel, not of W's own shape.
+        fan_in, _ = init._calculate_fan_in_and_fan_out(
+            torch.empty(self._spec.kernel_shape, device="meta"))
+        # kaiming_uniform_(a=sqrt(5))'s own arithmetic, so D_mul = M*N draws nn.Conv2d's weight.
+        std = init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
+        bound = math.sqrt(3.0) * std
+        with torch.no_grad():
+            init.uniform_(self.W, -bound, bound)
+            if self.D is not None:
+                self.D.zero_()
+            if self.bias is not None:
+                bias_bound = 1 / math.sqrt(fan_in)
+                init.uniform_(self.bias, -bias_bound, bias_bound)
+        self._reset_identity()
+
+    def _reset_identity(self) -> None:
+        if self.D_diag is not None:
+            identity = doconv_core.identity_d(self.in_channels, self._spec.mn, self.D_mul,
+                                              np.float64)
+            with torch.no_grad():
+                self.D_diag.copy_(torch.from_numpy(identity))
+
+    # -- the composed kernel -----------------------------------------------------------
+    def _compose(self) -> Tensor:
+        """K = einsum('gois,gims->goim', W, D + D_diag): one batched product."""
+        D = self.D
+        D_diag = self.D_diag
+        g = self.groups
+        out_g = self.out_channels // g
+        in_g = self.in_channels // g
+        M = self.kernel_size[0]
+        N = self.kernel_size[1]
+        if D is not None and D_diag is not None:
+            Wg = self.W.reshape(g, out_g, in_g, self.D_mul)
+            Dg = (D + D_diag).reshape(g, in_g, M * N, self.D_mul)
+            return torch.einsum("gois,gims->goim", Wg, Dg).reshape(
+                self.out_channels, in_g, M, N)
+        return self.W.reshape(self.out_channels, in_g, M, N)
+
+    @torch.jit.unused
+    def _compose_eager(self) -> Tensor:
+        # Compose in the parameters' dtype even under autocast: the conv then casts the
+        # kernel exactly as it casts a fused nn.Conv2d's weight.
+        device_type = self.W.device.type
+        try:
+            autocast = torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # a device type without autocast (meta, ...)
+            autocast = False
+        if autocast:
+            with torch.autocast(device_type, enabled=False):
+                return self._compose()
+        return self._compose()
+
+    @torch.jit.unused
+    def _cache_key(self) -> tuple:
+        # A parameter replaced, moved, cast or changed in place (optimizer steps,
+        # load_state_dict, nn.init, no_grad ops) changes one of these. Holding the storages
+        # keeps their addresses from being reused by a different tensor.
+        key = []
+        for tensor in (self.W, self.D, self.D_diag):
+            if tensor is None:
+                key.append(None)
+                continue
+            key.append((weakref.ref(tensor), tensor._version, tensor.data_ptr(),
+                        tensor.untyped_storage(), tensor.device, tensor.dtype,
+                        tuple(tensor.shape), tuple(tensor.stride())))
+        return tuple(key)
+
+    @staticmethod
+    def _same_key(old: tuple, new: tuple) -> bool:
+        for a, b in zip(old, new):
+            if a is None or b is None:
+                if a is not b:
+                    return False
+                continue
+            if a[0]() is not b[0]() or a[1:3] != b[1:3] or a[4:] != b[4:]:
+                return False
+        return True
+
+    @torch.jit.unused
+    def _kernel(self) -> Tensor:
+        """The composed kernel; reused while it is not part of an autograd graph."""
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self._compose_eager()  # the graph must record the composition
+        if torch.is_grad_enabled() and (
+                self.W.requires_grad or (self.D is not None and self.D.requires_grad)):
+            if self._cache is not None:
+                self._cache = None  # the kernel joins the autograd graph: compose afresh
+            return self._compose_eager()
+        try:
+            key = self._cache_key()
+        except RuntimeError:  # tensors without storage (functorch wrappers, ...): no cache
+            return self._compose_eager()
+        cached = self._cache
+        if cached is not None and self._same_key(cached[0], key) and \
+                cached[1]._version == cached[2]:
+            return cached[1]
+        # A normal tensor even under inference_mode: inference tensors have no version
+        # counter (the cache could not see them mutated) and cannot join autograd later.
+        with torch.inference_mode(False), torch.no_grad():
+            kernel = self._compose_eager()
+        self._cache = (key, kernel, kernel._version)
+        return kernel
+
+    def clear_cache(self) -> None:
+        """Drop the cached kernel (needed only after changing parameters through ``.data``,
+        which bypasses the version counters autograd and the cache rely on)."""
+        self._cache = None
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective (composed) kernel, shape (C_out, C_in/groups, M, N)."""
+        return self._kernel()
+
+    @weight.setter
+    def weight(self, value: Any) -> None:
+        raise AttributeError("DOConv2d.weight is the kernel composed from W and D and cannot be "
+                             "assigned; set W and D, or build the layer with "
+                             "DOConv2d.from_conv(conv)")
+
+    @property
+    def spec(self) -> ConvSpec:
+        return self._spec
+
+    # -- forward -----------------------------------------------------------------------
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.padding_mode != "zeros":
+            return F.conv2d(F.pad(input, self._reversed_padding_repeated_twice,
+                                  mode=self.padding_mode),
+                            weight, bias, self.stride, (0, 0), self.dilation, self.groups)
+        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    @torch.jit.unused
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise ValueError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (3, 4):
+            raise ValueError("input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape "
+                             f"{tuple(input.shape)}")
+        self._spec.check_input_channels(input.shape[-3])
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            if input.dim() < 3 or input.shape[-3] != self.in_channels:
+                raise ValueError("input must have " + str(self.in_channels)
+                                 + " channels (the layer's in_channels)")
+            weight = self._compose()
+        else:
+            if not torch.jit.is_tracing():  # a trace records shapes as constants anyway
+                self._check_input(input)
+            weight = self._kernel()
+        return self._conv_forward(input, weight, self.bias)
+
+    # -- conversions -------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # .to(), .cuda(), .double(), ...: the cache would hold old memory
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = None  # deepcopy / pickle never carry the cached kernel
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A plain nn.Conv2d state (``weight``) loads by embedding: a model built with
+        # DOConv2d takes pretrained nn.Conv2d checkpoints (D = 0, the same function).
+        key = prefix + "weight"
+        if key in state_dict and prefix + "W" not in state_dict and prefix + "D" not in \
+                state_dict:
+            kernel = state_dict.pop(key)
+            shape = tuple(getattr(kernel, "shape", ()))
+            if shape != self._spec.kernel_shape:
+                error_msgs.append(
+                    f"size mismatch for {key}: copying an nn.Conv2d weight of shape {shape} "
+                    f"into a DOConv2d whose kernel has shape {self._spec.kernel_shape}")
+                return
+            D, W = doconv_core.embed_kernel(_numpy(kernel), groups=self.groups,
+                                            D_mul=self.D_mul)
+            state_dict[prefix + "W"] = torch.from_numpy(W)
+            if D is not None:
+                state_dict[prefix + "D"] = torch.from_numpy(D)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}"
+        if self.padding != (0, 0):
+            s += ", padding={padding}"
+        if self.dilation != (1, 1):
+            s += ", dilation={dilation}"
+        if self.groups != 1:
+            s += ", groups={groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += ", padding_mode={padding_mode}"
+        s += ", D_mul={D_mul}"
+        return s.format(**self.__dict__)
+
+    @classmethod
+    def _uninitialized(cls, spec: ConvSpec, device: _Device = None,
+                       dtype: Optional[torch.dtype] = None) -> "DOConv2d":
+        """A layer for ``spec`` whose D, W, bias the caller fills (no RNG draws)."""
+        layer = cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
+                    spec.padding, spec.dilation, spec.groups, spec.bias, spec.padding_mode,
+                    device="meta", dtype=dtype, D_mul=spec.D_mul)
+        layer.to_empty(device=torch.get_default_device() if device is None else device)
+        layer._reset_identity()
+        return layer
+
+    def _load_arrays(self, D: Optional[np.ndarray], W: np.ndarray,
+                     bias: Optional[np.ndarray]) -> None:
+        with torch.no_grad():
+            for param, array in ((self.W, W), (self.D, D), (self.bias, bias)):
+                if param is not None:
+                    param.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, D_mul: Optional[int] = None) -> "DOConv2d":
+        """The DO-Conv layer computing exactly what ``conv`` computes (D = 0, W embeds it)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        mn = conv.kernel_size[0] * conv.kernel_size[1]
+        spec = ConvSpec(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                        conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                        conv.padding_mode, D_mul=D_mul if mn > 1 else None)
+        D, W = doconv_core.embed_kernel(_numpy(conv.weight), groups=spec.groups,
+                                        D_mul=spec.D_mul)
+        layer = cls._uninitialized(spec, conv.weight.device, conv.weight.dtype)
+        layer._load_arrays(D, W, _numpy(conv.bias))
+        layer.W.requires_grad_(conv.weight.requires_grad)
+        if layer.D is not None:
+            layer.D.requires_grad_(conv.weight.requires_grad)
+        if layer.bias is not None and conv.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        layer.train(conv.training)
+        return layer
+
+    def fuse(self) -> nn.Conv2d:
+        """The plain nn.Conv2d with the composed kernel: same outputs, a plain conv's cost."""
+        with torch.no_grad():
+            kernel = self._compose_eager()  # the forward's own computation, bit for bit
+            conv = nn.utils.skip_init(
+                nn.Conv2d, self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                self.padding, self.dilation, self.groups, self.bias is not None,
+                self.padding_mode, device=self.W.device, dtype=self.W.dtype)
+            conv.weight.copy_(kernel)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+    def to_params(self) -> DOConvParams:
+        """The core's portable container (canonical layout, NumPy arrays)."""
+        return DOConvParams(self._spec, _numpy(self.W), _numpy(self.D), _numpy(self.bias))
+
+    @classmethod
+    def from_params(cls, params: DOConvParams, *, device: _Device = None,
+                    dtype: Optional[torch.dtype] = None) -> "DOConv2d":
+        """A layer holding ``params`` (from any adapter's ``to_params`` or a .npz file)."""
+        if not isinstance(params, DOConvParams):
+            raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
+        layer = cls._uninitialized(params.spec, device, dtype)
+        layer._load_arrays(params.D, params.W, params.bias)
+        return layer
