@@ -256,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     for art in loaded:
         if art.unsupported:
-            print(f"\n{art.framework}: {len(art.unsupported)} case(s) unsupported, e.g. "
+            print(f"\n{art.framework}: {len(art.unsupported)} case/dtype pair(s) unsupported, e.g. "
                   + "; ".join(f"{k}: {v}" for k, v in list(art.unsupported.items())[:3]))
     for line in missing + failure_lines(rows):
         print(line, file=sys.stderr)
