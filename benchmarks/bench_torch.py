@@ -1,0 +1,240 @@
+"""PyTorch: DO-Conv against nn.Conv2d, per layer shape and for a ResNet-18-style network.
+
+    python benchmarks/bench_torch.py [--markdown docs/benchmarks-torch.md] [--quick]
+
+Variants, timed interleaved (A B A B ...) in one process:
+  native   nn.Conv2d
+  doconv   doconv_torch.DOConv2d
+  einsum   a straightforward DO-Conv: the kernel composed by one einsum on every call,
+           autograd for the backward (what the original reference code does)
+Measures: "train" (forward + backward with the input requiring grad, as inside a
+network; for the whole network also the optimizer step), "eval" (forward under
+no_grad in eval mode; DO-Conv unfused), "fused" (doconv.fuse()'s nn.Conv2d), and
+"peak MiB" (the largest amount of tensor memory a training step holds, from the
+profiler's allocation events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import doconv_torch  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    Row, format_table, interleaved_times, machine_description, medians)
+from doconv_core import identity_d  # noqa: E402
+
+VARIANTS = ("native", "doconv", "einsum")
+# (name, in, out, kernel, stride, padding, groups, spatial)
+LAYERS = [
+    ("3x3 64ch 56x56", 64, 64, 3, 1, 1, 1, 56),
+    ("3x3 128ch 28x28", 128, 128, 3, 1, 1, 1, 28),
+    ("3x3 256ch 14x14", 256, 256, 3, 1, 1, 1, 14),
+    ("3x3 512ch 7x7", 512, 512, 3, 1, 1, 1, 7),
+    ("dw 3x3 128ch 28x28", 128, 128, 3, 1, 1, 128, 28),
+    ("1x1 256ch 14x14", 256, 256, 1, 1, 0, 1, 14),
+    ("seed 1->16ch 28x28", 1, 16, 3, 2, 1, 1, 28),
+]
+QUICK_LAYERS = [("3x3 8ch 8x8", 8, 8, 3, 1, 1, 1, 8), ("dw 3x3 8ch 8x8", 8, 8, 3, 1, 1, 8, 8)]
+
+
+class EinsumDOConv2d(nn.Module):
+    """The straightforward formulation, for comparison: compose with einsum on every call."""
+
+    def __init__(self, layer: doconv_torch.DOConv2d) -> None:
+        super().__init__()
+        self.layer = layer
+        spec = layer.spec
+        self.register_buffer("D_diag", None if not spec.has_D else torch.from_numpy(
+            identity_d(spec.in_channels, spec.mn, spec.D_mul)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, spec = self.layer, self.layer.spec
+        g, I_g, O_g = spec.groups, spec.in_per_group, spec.out_per_group
+        if layer.D is None:
+            kernel = layer.W.reshape(spec.kernel_shape)
+        else:
+            Wg = layer.W.reshape(g, O_g, I_g, spec.D_mul)
+            Dg = (layer.D + self.D_diag).reshape(g, I_g, spec.mn, spec.D_mul)
+            kernel = torch.einsum("gois,gims->goim", Wg, Dg).reshape(spec.kernel_shape)
+        return F.conv2d(x, kernel, layer.bias, spec.stride, spec.padding, spec.dilation, g)
+
+
+def einsum_model(model: nn.Module) -> nn.Module:
+    """A copy of a DO-Conv model whose layers compose by plain einsum."""
+    copied = copy.deepcopy(model)
+    names = [name for name, module in copied.named_modules()
+             if isinstance(module, doconv_torch.DOConv2d)]
+    for name in names:
+        *path, last = name.split(".")
+        parent = copied.get_submodule(".".join(path))
+        setattr(parent, last, EinsumDOConv2d(getattr(parent, last)))
+    return copied
+
+
+def peak_training_bytes(step: Callable[[], object]) -> float:
+    """Peak of the running sum of CPU tensor allocations during one step."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as profiler:
+        step()
+    events = sorted((e for e in profiler.events() if e.cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.cpu_memory_usage
+        peak = max(peak, current)
+    return float(peak)
+
+
+def layer_rows(batch: int, layers, repeats: int) -> list[Row]:
+    rows = []
+    for name, c_in, c_out, k, stride, padding, groups, size in layers:
+        torch.manual_seed(0)
+        native = nn.Conv2d(c_in, c_out, k, stride, padding, groups=groups)
+        doconv = doconv_torch.DOConv2d(c_in, c_out, k, stride, padding, groups=groups)
+        modules = {"native": native, "doconv": doconv, "einsum": EinsumDOConv2d(doconv)}
+        x = torch.randn(batch, c_in, size, size, requires_grad=True)
+
+        def train(module):
+            def step():
+                module.zero_grad(set_to_none=True)
+                x.grad = None
+                module(x).sum().backward()
+            return step
+
+        case = f"{name} b{batch}"
+        samples = interleaved_times({v: train(m) for v, m in modules.items()}, repeats=repeats)
+        rows.append(Row(case, "train", medians(samples)))
+        rows.append(Row(case, "peak MiB", {v: peak_training_bytes(train(m))
+                                           for v, m in modules.items()}, unit="MiB"))
+        fused = doconv.fuse()
+        x_eval = x.detach()
+        for module in (*modules.values(), fused):
+            module.eval()
+
+        def infer(module):
+            def run():
+                with torch.no_grad():
+                    module(x_eval)
+            return run
+
+        samples = interleaved_times({"native": infer(native), "doconv": infer(doconv),
+                                     "einsum": infer(modules["einsum"])}, repeats=repeats)
+        rows.append(Row(case, "eval", medians(samples)))
+        samples = interleaved_times({"native": infer(native), "doconv": infer(fused)},
+                                    repeats=repeats)
+        rows.append(Row(case, "fused", medians(samples)))
+    return rows
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(width: int = 64, classes: int = 1000) -> nn.Module:
+    """ResNet-18's layout: 7x7 stem, max pool, four stages of two basic blocks."""
+    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+              nn.MaxPool2d(3, 2, 1)]
+    c_in = width
+    for stage, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        stride = 1 if stage == 0 else 2
+        layers += [BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)]
+        c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, classes)]
+    return nn.Sequential(*layers)
+
+
+def network_rows(batch: int, size: int, width: int, repeats: int) -> list[Row]:
+    torch.manual_seed(0)
+    native = resnet18(width)
+    doconv = doconv_torch.convert(native)
+    models = {"native": native, "doconv": doconv, "einsum": einsum_model(doconv)}
+    x = torch.randn(batch, 3, size, size)
+    target = torch.randint(0, 1000, (batch,))
+    optimizers = {v: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
+                  for v, m in models.items()}
+
+    def train(variant):
+        model, optimizer = models[variant], optimizers[variant]
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), target).backward()
+            optimizer.step()
+        return step
+
+    for model in models.values():
+        model.train()
+    case = f"ResNet-18-style {size}x{size} b{batch}"
+    rows = [Row(case, "train", medians(interleaved_times(
+        {v: train(v) for v in models}, repeats=repeats, warmup=2)))]
+    rows.append(Row(case, "peak MiB", {v: peak_training_bytes(train(v)) for v in models},
+                    unit="MiB"))
+    fused = doconv_torch.fuse(doconv)
+    for model in (*models.values(), fused):
+        model.eval()
+
+    def infer(model):
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+
+    rows.append(Row(case, "eval", medians(interleaved_times(
+        {v: infer(m) for v, m in models.items()}, repeats=repeats))))
+    rows.append(Row(case, "fused", medians(interleaved_times(
+        {"native": infer(native), "doconv": infer(fused)}, repeats=repeats))))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", default=None, help="also write the tables here")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.quick:
+        rows = layer_rows(2, QUICK_LAYERS, repeats=2) + network_rows(2, 32, 8, repeats=2)
+    else:
+        rows = []
+        for batch in (8, 32):
+            rows += layer_rows(batch, LAYERS, args.repeats)
+        rows += network_rows(16, 112, 64, args.repeats)
+    machine = machine_description({"torch": torch.__version__,
+                                   "threads": str(torch.get_num_threads())})
+    table = format_table(rows, VARIANTS)
+    print(table)
+    print(f"\nMachine: {machine}")
+    if args.markdown:
+        Path(args.markdown).write_text(
+            f"Command: `python benchmarks/bench_torch.py{' --quick' if args.quick else ''}`\n\n"
+            f"Machine: {machine}\n\n{table}\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
