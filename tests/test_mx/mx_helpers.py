@@ -1,0 +1,31 @@
+"""Helpers for the MXNet adapter tests."""
+
+import mxnet as mx
+
+import doconv_core
+import doconv_mx
+from doconv_mx import DOConv2D
+
+
+def gluon_padding(spec):
+    """The explicit padding nn.Conv2D would need for ``spec``, or None if Gluon has none."""
+    try:
+        return doconv_mx._gluon_padding(spec)
+    except ValueError:
+        return None
+
+
+def make_layer(spec, arrays, *, hybridize=False, deferred=False, dtype="float64"):
+    """A DOConv2D for a core case holding the case's arrays."""
+    layer = DOConv2D(spec.out_channels, spec.kernel_size, spec.stride, gluon_padding(spec),
+                     spec.dilation, spec.groups, use_bias=spec.bias,
+                     in_channels=0 if deferred else spec.in_channels, D_mul=spec.D_mul)
+    layer.initialize()
+    layer.cast(dtype)
+    if hybridize:
+        layer.hybridize()
+    x = mx.nd.array(arrays["x"], dtype=dtype)
+    layer(x)  # completes a deferred in_channels
+    full = doconv_core.DOConvParams(layer.spec, arrays["W"], arrays["D"], arrays["bias"])
+    layer.set_params(full)
+    return layer, x

@@ -1,0 +1,53 @@
+"""MXNet's artifacts for the cross-framework suite (tox env ``cross`` compares them).
+
+Written to $DOCONV_ARTIFACTS (tox sets it) or, outside tox, to a temporary folder; either
+way this framework's results are checked against the NumPy reference here too.
+"""
+
+import os
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd
+
+from doconv_core import DOConvParams, crosscheck
+from doconv_mx import DOConv2D
+from mx_helpers import gluon_padding
+
+FRAMEWORK = "mx"
+
+
+def unsupported_reason(case, dtype):
+    if case.spec.padding_mode != "zeros" and case.spec.padding not in ("valid", (0, 0)):
+        return "Gluon's Convolution pads with zeros only"
+    if gluon_padding(case.spec) is None:
+        return "padding 'same' here is not a fixed symmetric padding (stride > 1 or odd total)"
+    return None
+
+
+def compute(case, dtype, inputs, R):
+    params = DOConvParams(case.spec, W=inputs["W"], D=inputs["D"], bias=inputs["bias"])
+    layer = DOConv2D.from_params(params)
+    x = mx.nd.array(inputs["x"], dtype=dtype)
+    x.attach_grad()
+    with autograd.record():
+        y = layer(x)
+        loss = (y * mx.nd.array(R, dtype=dtype)).sum()
+    loss.backward()
+
+    def grad(param):
+        return None if param is None else param.grad().asnumpy()
+
+    return {"output": y.asnumpy(), "kernel": layer.to_params().kernel(),
+            "grad_x": x.grad.asnumpy(), "grad_D": grad(layer.D), "grad_W": grad(layer.W),
+            "grad_bias": grad(layer.bias)}
+
+
+def test_write_cross_artifacts(tmp_path):
+    directory = os.environ.get("DOCONV_ARTIFACTS") or str(tmp_path)
+    crosscheck.produce_artifacts(directory, FRAMEWORK, compute, unsupported_reason)
+    artifacts = crosscheck.read_artifacts(directory, FRAMEWORK)
+    rows = crosscheck.compare([artifacts])
+    assert rows and all(row.ok for row in rows), "\n".join(crosscheck.failure_lines(rows))
+    assert len({case for case, _ in artifacts.results}) >= 30
+    assert np.isfinite(next(iter(artifacts.results.values()))["output"]).all()

@@ -1,0 +1,171 @@
+"""Whole nets: convert/fuse (GluonCV model zoo included), export, data-parallel training."""
+
+import mxnet as mx
+import numpy as np
+import pytest
+from gluoncv.model_zoo import get_model
+from mxnet import autograd, gluon
+from mxnet.gluon import nn
+
+import doconv_mx
+from doconv_mx import DOConv2D
+
+
+def _count(net, kind):
+    return sum(isinstance(b, kind) for _, _, _, b in doconv_mx._walk(net))
+
+
+class Custom(nn.HybridBlock):
+    """Children registered as attributes, one inside a HybridSequential."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.stem = nn.Conv2D(6, 3, padding=1, in_channels=3, activation="relu")
+            self.body = nn.HybridSequential()
+            self.body.add(nn.Conv2D(6, 3, padding=1, groups=6),
+                          nn.BatchNorm(),
+                          nn.Conv2D(4, 1, use_bias=False))
+            self.head = nn.Conv2D(2, (1, 3), strides=(1, 2))
+
+    def hybrid_forward(self, F, x):
+        return self.head(self.body(self.stem(x)))
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_convert_fuse_custom_net(tmp_path, hybridize):
+    net = Custom()
+    net.initialize(mx.init.Xavier())
+    if hybridize:
+        net.hybridize()
+    x = mx.nd.random.normal(shape=(2, 3, 8, 8))
+    expected = net(x).asnumpy()
+    assert doconv_mx.convert(net, D_mul=12) is net
+    assert isinstance(net.stem, DOConv2D) and net._children["stem"] is net.stem
+    assert isinstance(net.body[0], DOConv2D) and isinstance(net.body[2], DOConv2D)
+    assert net.body[0].spec.D_mul == 12 and net.body[2].spec.D_mul == 1  # 1x1: no D
+    assert net.stem.prefix.endswith("conv0_") and net.stem._active == hybridize
+    np.testing.assert_allclose(net(x).asnumpy(), expected, rtol=0, atol=1e-6)
+    # train a step so D != 0, then fusing must keep the function
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01})
+    with autograd.record():
+        loss = (net(x) ** 2).mean()
+    loss.backward()
+    trainer.step(2)
+    assert np.abs(net.stem.D.data().asnumpy()).max() > 0
+    trained = net(x).asnumpy()
+    assert doconv_mx.fuse(net) is net
+    assert _count(net, DOConv2D) == 0 and type(net.stem) is nn.Conv2D
+    np.testing.assert_allclose(net(x).asnumpy(), trained, rtol=1e-5, atol=1e-5)
+    net.hybridize()
+    np.testing.assert_allclose(net(x).asnumpy(), trained, rtol=1e-5, atol=1e-5)
+    net.export(str(tmp_path / "fused"))
+    block = gluon.SymbolBlock.imports(str(tmp_path / "fused-symbol.json"), ["data"],
+                                      str(tmp_path / "fused-0000.params"))
+    np.testing.assert_allclose(block(x).asnumpy(), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_include_and_errors():
+    net = Custom()
+    net.initialize()
+    doconv_mx.convert(net, include=["body.0"])
+    assert isinstance(net.body[0], DOConv2D) and type(net.stem) is nn.Conv2D
+    doconv_mx.convert(net, include=lambda name, conv: name == "head")
+    assert isinstance(net.head, DOConv2D) and type(net.stem) is nn.Conv2D
+    with pytest.raises(ValueError, match="include must be None, a callable"):
+        doconv_mx.convert(net, include="stem")
+    with pytest.raises(ValueError, match="layer 'stem': D_mul must be >= kernel height"):
+        doconv_mx.convert(net, D_mul=4)
+    assert type(net.stem) is nn.Conv2D  # checked before anything changed
+    fresh = Custom()  # uninitialized: fresh DOConv2D layers, initialized later
+    doconv_mx.convert(fresh)
+    fresh.initialize()
+    assert fresh(mx.nd.ones((1, 3, 8, 8))).shape == (1, 2, 8, 3)
+    unready = nn.HybridSequential()
+    unready.add(DOConv2D(4, 3))
+    with pytest.raises(ValueError, match="fuse needs an initialized layer"):
+        doconv_mx.fuse(unready)
+
+
+def _outputs(net, x):
+    """(logits, features) in train mode: BatchNorm then normalises with batch statistics, so
+    outputs stay O(1) (eval-mode outputs of a random-init mobilenet are ~1e-16) and do not
+    depend on the running statistics that each train-mode pass updates."""
+    with autograd.train_mode():
+        return net(x).asnumpy(), net.features(x).asnumpy()
+
+
+@pytest.mark.parametrize("name,size", [("resnet18_v1", 64), ("mobilenet1.0", 64)])
+def test_model_zoo_convert_and_fuse(tmp_path, name, size):
+    net = get_model(name, pretrained=False)
+    net.initialize(mx.init.Xavier())
+    convs = _count(net, nn.Conv2D)
+    x = mx.nd.random.normal(shape=(2, 3, size, size))
+    logits, features = _outputs(net, x)
+    assert np.abs(logits).max() > 0.1
+    doconv_mx.convert(net)
+    assert _count(net, DOConv2D) == convs and _count(net, nn.Conv2D) == 0
+    if name == "mobilenet1.0":
+        assert any(b.spec.groups == b.spec.in_channels > 1
+                   for _, _, _, b in doconv_mx._walk(net) if isinstance(b, DOConv2D))
+    for hybridize in (False, True):
+        net.hybridize(hybridize)
+        converted = _outputs(net, x)
+        np.testing.assert_allclose(converted[0], logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(converted[1], features, rtol=1e-5,
+                                   atol=1e-5 * np.abs(features).max())
+    doconv_mx.fuse(net)
+    assert _count(net, DOConv2D) == 0 and _count(net, nn.Conv2D) == convs
+    net.hybridize()
+    fused = _outputs(net, x)
+    np.testing.assert_allclose(fused[0], logits, rtol=1e-5, atol=1e-5)
+    y = net(x).asnumpy()
+    net.export(str(tmp_path / name))
+    block = gluon.SymbolBlock.imports(str(tmp_path / f"{name}-symbol.json"), ["data"],
+                                      str(tmp_path / f"{name}-0000.params"))
+    np.testing.assert_allclose(block(x).asnumpy(), y, rtol=1e-6, atol=1e-6 * np.abs(y).max())
+
+
+def _small_net():
+    net = nn.HybridSequential()
+    with net.name_scope():
+        net.add(DOConv2D(6, 3, padding=1, groups=2, in_channels=4, D_mul=11, activation="tanh"),
+                DOConv2D(3, (3, 1), strides=2, in_channels=6), nn.Flatten(), nn.Dense(5, in_units=18))
+    return net
+
+
+def _train(contexts, x, y, steps=3):
+    mx.random.seed(7)
+    net = _small_net()
+    net.initialize(mx.init.Xavier(), ctx=contexts)
+    net.cast("float64")
+    # Identical, non-zero starting values on every context (D nonzero to exercise c(o, i)).
+    rng = np.random.default_rng(0)
+    for _, p in sorted(net.collect_params().items()):
+        p.set_data(mx.nd.array(0.3 * rng.standard_normal(p.shape), dtype="float64"))
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1},
+                            kvstore="device")
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for _ in range(steps):
+        xs = gluon.utils.split_and_load(x, contexts)
+        ys = gluon.utils.split_and_load(y, contexts)
+        with autograd.record():
+            losses = [loss_fn(net(a), b) for a, b in zip(xs, ys)]
+        for loss in losses:
+            loss.backward()
+        trainer.step(x.shape[0])  # gradients summed over contexts, divided by the batch
+    return {k.split("_", 1)[1]: v.data(contexts[0]).asnumpy()
+            for k, v in net.collect_params().items()}
+
+
+def test_data_parallel_matches_single_context():
+    rng = np.random.default_rng(1)
+    x = mx.nd.array(rng.standard_normal((8, 4, 6, 6)), dtype="float64")
+    y = mx.nd.array(rng.integers(0, 5, 8), dtype="float64")
+    single = _train([mx.cpu(0)], x, y)
+    double = _train([mx.cpu(0), mx.cpu(1)], x, y)
+    assert single.keys() == double.keys() and any(k.endswith("_D") for k in single)
+    for key in single:
+        np.testing.assert_allclose(double[key], single[key], rtol=1e-10, atol=1e-12)
+    start = _train([mx.cpu(0)], x, y, steps=0)
+    assert not np.allclose(single["doconv0_D"], start["doconv0_D"])  # training moved D
