@@ -149,6 +149,14 @@ def read_artifacts(directory: str | os.PathLike, framework: str) -> Artifacts:
                      manifest["unsupported"])
 
 
+def self_check(directory: str | os.PathLike, framework: str) -> tuple[Artifacts, list[str]]:
+    """A framework's just-written artifacts against the reference: (artifacts, failure lines)."""
+    artifacts = read_artifacts(directory, framework)
+    rows = compare([artifacts])
+    failures = failure_lines(rows) if rows else [f"{framework}: nothing was compared"]
+    return artifacts, failures
+
+
 @dataclasses.dataclass
 class Row:
     case: str

@@ -118,3 +118,12 @@ def test_produce_artifacts_with_a_numpy_framework(tmp_path, capsys, use_small_ca
     code, out = run(tmp_path, ["numpy"], capsys)
     assert code == 0, out.err
     assert "| numpy~reference | float32 | 10 |" in out.out
+
+
+def test_self_check_reports_failures(tmp_path, use_small_case_set):
+    crosscheck.write_artifacts(tmp_path, "good", simulated(CASES), {}, CASES)
+    assert crosscheck.self_check(tmp_path, "good")[1] == []
+    broken = simulated(CASES, kernel_fn=original_torch_mapping_kernel)
+    crosscheck.write_artifacts(tmp_path, "broken", broken, {}, CASES)
+    failures = crosscheck.self_check(tmp_path, "broken")[1]
+    assert failures and all("between" in line for line in failures if line.startswith("FAIL"))

@@ -2,29 +2,7 @@
 
 import re
 
-import numpy as np
-import pytest
-
 from samples import sample_gluoncv
-from samples.datasets import IDX_FILES, write_idx
-
-
-@pytest.fixture
-def tiny_mnist(tmp_path):
-    rng = np.random.default_rng(0)
-    # Learnable toy digits: the label sets the brightness of a block.
-    def split(n):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-        for k, label in enumerate(y):
-            x[k, 2 * label:2 * label + 8, 4:24] = 250
-        return x, y
-    x_train, y_train = split(300)
-    x_test, y_test = split(100)
-    for role, array in (("train_images", x_train), ("train_labels", y_train),
-                        ("test_images", x_test), ("test_labels", y_test)):
-        write_idx(tmp_path / IDX_FILES[role], array)
-    return tmp_path
 
 
 def test_sample_doconv_smoke(tiny_mnist, capsys):

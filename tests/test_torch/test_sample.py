@@ -2,31 +2,10 @@
 
 import re
 
-import numpy as np
 import pytest
 import torch
 
 from samples import sample_pt
-from samples.datasets import write_idx
-
-
-@pytest.fixture
-def tiny_mnist(tmp_path):
-    """Learnable toy digits: class k lights up a band at row 2k (so accuracy is meaningful)."""
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-        for image, label in zip(images, labels):
-            image[2 * label + 4:2 * label + 7, 4:24] = 255
-        return images, labels
-
-    for prefix, n in (("train", 96), ("t10k", 40)):
-        images, labels = split(n)
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return tmp_path
 
 
 def run(args, capsys):
