@@ -71,6 +71,7 @@ def plot(path: Path, title: str, results: dict[str, list[RunResult]]) -> None:
                          "(or pass --no-plot)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     figure, axes = plt.subplots(figsize=(6, 4))
@@ -79,6 +80,7 @@ def plot(path: Path, title: str, results: dict[str, list[RunResult]]) -> None:
         epochs = np.arange(1, curves.shape[1] + 1)
         axes.plot(epochs, curves.mean(0), marker="o", label=f"{LABELS[conv]} (mean of {len(runs)})")
         axes.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.25)
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("test accuracy (%)")
     axes.set_title(title)
@@ -110,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     stem = f"{args.framework}-{args.dataset}"
     command = "python samples/reproduce.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    report = markdown_report(args.framework, args.dataset, data.source, results,
+    source = (f"{len(data.x_train)} training / {len(data.x_test)} test images from "
+              f"{data.source}" + (" (the committed MNIST subset)" if data.is_subset else ""))
+    report = markdown_report(args.framework, args.dataset, source, results,
                              machine_description(), command, module.versions())
     (out / f"{stem}.md").write_text(report)
     print(report)
