@@ -30,6 +30,7 @@ from .params import (
     CheckpointError,
     DOConvParams,
     load_params,
+    match_layers,
     save_params,
 )
 from .reference import (
@@ -49,6 +50,6 @@ __all__ = [
     "check_params", "compose_kernel", "compose_kernel_vjp", "embed_kernel", "fuse",
     "identity_d", "oihw_to_hwio", "hwio_to_oihw", "nchw_to_nhwc", "nhwc_to_nchw",
     "conv2d", "conv2d_vjp", "doconv2d", "doconv2d_features", "doconv2d_vjp", "pad_input",
-    "DOConvParams", "save_params", "load_params", "CheckpointError", "FORMAT_VERSION",
+    "DOConvParams", "save_params", "load_params", "match_layers", "CheckpointError", "FORMAT_VERSION",
     "LegacyImport", "import_legacy_torch", "import_legacy_tf", "import_legacy_gluon",
 ]

@@ -146,3 +146,19 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
     if extra:
         raise CheckpointError(f"{where} holds arrays no layer describes: {sorted(extra)}")
     return layers
+
+
+def match_layers(stored: Mapping[str, DOConvParams], specs: Mapping[str, ConvSpec],
+                 source: str) -> None:
+    """Raise CheckpointError unless ``stored`` (from ``load_params``) holds exactly the
+    layers named in ``specs``, each saved with a spec of the same function: the check every
+    adapter's ``import_params`` makes before it changes anything."""
+    missing = sorted(set(specs) - set(stored))
+    extra = sorted(set(stored) - set(specs))
+    if missing or extra:
+        raise CheckpointError(f"{source} does not match the model's DO-Conv layers: "
+                              f"missing {missing}, unexpected {extra}")
+    for name, spec in specs.items():
+        if not stored[name].spec.same_function(spec):
+            raise CheckpointError(f"{source}: layer {name!r} was saved with "
+                                  f"{stored[name].spec}, the model's layer is {spec}")

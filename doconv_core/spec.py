@@ -244,6 +244,30 @@ class ConvSpec:
             sizes.append((n + before + after - (k - 1) * d - 1) // s + 1)
         return (sizes[0], sizes[1])
 
+    def normalized(self) -> "ConvSpec":
+        """The same layer function with its padding spelled one way: explicit pads where
+        'same' does not depend on the input size (stride 1, even (k-1)*d), 'valid' for no
+        padding, and padding mode 'zeros' where nothing is padded."""
+        padding = self.padding
+        if padding == "same":
+            totals = [(k - 1) * d for k, d in zip(self.kernel_size, self.dilation)]
+            if self.stride == (1, 1) and not any(t % 2 for t in totals):
+                padding = (totals[0] // 2, totals[1] // 2)
+        if padding == (0, 0):
+            padding = "valid"
+        mode = "zeros" if padding == "valid" else self.padding_mode
+        return dataclasses.replace(self, padding=padding, padding_mode=mode)
+
+    def same_function(self, other: "ConvSpec") -> bool:
+        """True when both specs describe the same layer function (an unknown in_channels
+        matches any)."""
+        a, b = self, other
+        if a.in_channels is None and b.in_channels is not None:
+            a = a.with_in_channels(b.in_channels)
+        if b.in_channels is None and a.in_channels is not None:
+            b = b.with_in_channels(a.in_channels)
+        return a.normalized() == b.normalized()
+
     # -- serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         config = dataclasses.asdict(self)

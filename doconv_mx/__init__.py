@@ -21,7 +21,6 @@ input's channel count (``_shape_ties``), which lets MXNet's shape inference reac
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Any, Callable, Iterable, Union
@@ -338,10 +337,7 @@ def _arrays(layer: DOConv2D) -> tuple:
 
 def _check_same_layer(given: ConvSpec, mine: ConvSpec, what: str) -> None:
     """ValueError unless ``given`` describes the same layer function as ``mine``."""
-    if mine.in_channels is None:
-        mine = mine.with_in_channels(given.in_channels)
-    normal = dataclasses.replace(given, padding=_gluon_padding(given), padding_mode="zeros")
-    if normal != mine:
+    if not given.same_function(mine):
         raise ValueError(f"{what} {given.to_dict()} does not match this layer's "
                          f"{mine.to_dict()}")
 
@@ -520,14 +516,7 @@ def import_params(net: gluon.Block, path: Union[str, os.PathLike]) -> None:
     """Load a file written by ``export_params`` (any framework) into ``net``'s DOConv2D layers."""
     stored = doconv_core.load_params(path)
     layers = _doconv_layers(net)
-    if set(stored) != set(layers):
-        raise CheckpointError(
-            f"{os.fspath(path)!r} holds layers {sorted(stored)} but the net has DOConv2D "
-            f"layers {sorted(layers)}")
-    for name, layer in layers.items():
-        try:
-            _check_same_layer(stored[name].spec, layer.spec, f"layer {name!r}: stored spec")
-        except ValueError as error:
-            raise CheckpointError(str(error)) from None
+    doconv_core.match_layers(stored, {name: layer.spec for name, layer in layers.items()},
+                             repr(os.fspath(path)))
     for name, layer in layers.items():
         layer.set_params(stored[name])

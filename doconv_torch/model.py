@@ -131,16 +131,8 @@ def import_params(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     """
     layers = {name or ROOT_NAME: layer for name, layer in doconv_layers(model).items()}
     stored = doconv_core.load_params(path)
-    where = repr(os.fspath(path))
-    missing = sorted(set(layers) - set(stored))
-    extra = sorted(set(stored) - set(layers))
-    if missing or extra:
-        raise CheckpointError(f"{where} does not match the model's DOConv2d layers: "
-                              f"missing {missing}, unexpected {extra}")
-    for name, layer in layers.items():
-        if stored[name].spec != layer.spec:
-            raise CheckpointError(f"{where}: layer {name!r} was saved with {stored[name].spec}, "
-                                  f"the model's layer is {layer.spec}")
+    doconv_core.match_layers(stored, {name: layer.spec for name, layer in layers.items()},
+                             repr(os.fspath(path)))
     for name, layer in layers.items():
         params = stored[name]
         layer._load_arrays(params.D, params.W, params.bias)

@@ -92,3 +92,17 @@ def test_same_padding_follows_tensorflow(size, kernel, stride, dilation, expecte
 def test_explicit_and_valid_padding_output_sizes():
     assert ConvSpec(1, 1, 3, 2, (1, 0)).output_size((7, 7)) == (4, 3)
     assert ConvSpec(1, 1, 3, 1, "valid", 2).output_size((7, 9)) == (3, 5)
+
+
+def test_same_function_normalizes_padding_spellings():
+    assert ConvSpec(4, 4, 3, padding="same").same_function(ConvSpec(4, 4, 3, padding=1))
+    assert ConvSpec(4, 4, 3, padding=(0, 0), padding_mode="reflect").same_function(
+        ConvSpec(4, 4, 3, padding="valid"))
+    assert ConvSpec(None, 4, 3).same_function(ConvSpec(6, 4, 3))
+    # 'same' with a stride or an odd total depends on the input size: not explicit padding.
+    assert not ConvSpec(4, 4, 3, stride=2, padding="same").same_function(
+        ConvSpec(4, 4, 3, stride=2, padding=1))
+    assert not ConvSpec(4, 4, 2, padding="same").same_function(ConvSpec(4, 4, 2, padding=1))
+    assert not ConvSpec(4, 4, 3, padding=1, padding_mode="reflect").same_function(
+        ConvSpec(4, 4, 3, padding=1))
+    assert not ConvSpec(4, 4, 3, D_mul=10).same_function(ConvSpec(4, 4, 3))

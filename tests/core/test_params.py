@@ -1,6 +1,7 @@
 """The portable .npz parameter container."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -120,3 +121,15 @@ def test_save_rejects_bad_names(tmp_path):
         dc.save_params(tmp_path / "x.npz", {"a/b": LAYERS["head"]})
     with pytest.raises(ValueError, match=r"layers\['a'\] must be DOConvParams, got dict"):
         dc.save_params(tmp_path / "x.npz", {"a": {}})
+
+
+def test_match_layers():
+    specs = {name: params.spec for name, params in LAYERS.items()}
+    dc.match_layers(LAYERS, specs, "f.npz")  # no error
+    with pytest.raises(dc.CheckpointError, match=re.escape(
+            "f.npz does not match the model's DO-Conv layers: missing ['new'], "
+            "unexpected ['head']")):
+        dc.match_layers(LAYERS, {**{k: v for k, v in specs.items() if k != "head"},
+                                 "new": specs["head"]}, "f.npz")
+    with pytest.raises(dc.CheckpointError, match="f.npz: layer 'head' was saved with"):
+        dc.match_layers(LAYERS, dict(specs, head=dc.ConvSpec(16, 4, 1)), "f.npz")

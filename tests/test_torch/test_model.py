@@ -242,7 +242,7 @@ def test_import_params_mismatches_change_nothing(tmp_path):
     export_params(model, path)
     smaller = convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False)))
     with pytest.raises(CheckpointError, match=re.escape(
-            "does not match the model's DOConv2d layers: missing [], unexpected ['3.depthwise'")):
+            "does not match the model's DO-Conv layers: missing [], unexpected ['3.depthwise'")):
         import_params(smaller, path)
     different = convert(small_resnet(), D_mul=10)
     before = {k: v.clone() for k, v in different.state_dict().items()}

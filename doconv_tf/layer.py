@@ -1,0 +1,379 @@
+"""DOConv2D: a Keras 3 DO-Conv layer written with ``keras.ops`` only (any backend).
+
+Storage (Keras side of the edge; ``to_params``/``from_params`` convert to the core's
+canonical layout):
+
+* ``W``: (D_mul, C_in/groups, filters), a conv kernel's HWIO layout with (M, N) flattened
+  to M*N slots and extended to D_mul. With D_mul = M*N, ``W`` reshaped (M, N, C_in/g,
+  filters) is exactly a Conv2D kernel. Canonical W is its transpose (2, 1, 0).
+* ``D``: (C_in, M*N, D_mul), the canonical layout; absent for a 1x1 kernel.
+* ``bias``: (filters,).
+
+Initialisation: D = 0. W is filled block by block (M*N slots each) with
+``kernel_initializer`` called for the HWIO shape (M, N, C_in/g, filters), i.e. each block is
+drawn exactly as Keras draws a Conv2D kernel (same fan-in and fan-out); the last block is cut
+to D_mul. With D_mul = M*N the layer therefore starts as the very function a Conv2D with the
+same initializer (and seed) starts as. A seeded initializer returns the same values on every
+call, so its blocks repeat.
+
+Regularizers and constraints: ``kernel_regularizer`` and ``kernel_constraint`` apply to W
+(as in the original reference layer; with D = 0 and D_mul = M*N, W *is* the kernel), the
+bias ones to the bias; D has none.
+
+Mixed precision: W, D and bias are not autocast (``add_weight(autocast=False)``); the layer
+composes the kernel in the variable dtype (float32) and casts kernel and bias to the compute
+dtype (inputs are cast by Keras as usual),
+so it computes exactly what its fused Conv2D (whose float32 kernel Keras casts) computes.
+
+Composed-kernel cache: on the JAX backend, an eager (untraced) call reuses the kernel
+composed from the very same W and D arrays. JAX arrays are immutable and every Keras
+assignment (optimizer step, ``assign``, ``set_weights``, loading) installs a new array, so
+the cache, keyed on array identity, is never stale. Traced calls (``fit``/``predict``/
+``evaluate`` under ``jax.jit``, ``jax.grad``) recompute it: the variables are inputs of
+the traced function. On TensorFlow the kernel is recomputed on every call, eager included:
+TF variables change in place with no version counter, and an eager call with
+``training=False`` may be recorded by a GradientTape (the fine-tuning idiom), so a cache
+could be stale or cut gradients. For inference without the composition use ``fuse``.
+
+Known platform limits (TensorFlow backend, CPU): channels_first with float64 and groups=1
+fails in TensorFlow's Conv2D kernel, as a plain Conv2D does. Keras 3.15's TF ``ops.add``
+mistakes a channels_first bias for an NHWC one when the output width equals ``filters``;
+DOConv2D avoids it, but a plain (so also a fused) channels_first Conv2D is hit by it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+import keras
+from keras import activations, constraints, initializers, ops, regularizers
+
+import doconv_core
+from doconv_core import ConvSpec, DOConvParams
+
+# ConvSpec speaks the canonical names; a Keras user should read Keras' names.
+_NATIVE_NAMES = (("out_channels", "filters"), ("stride", "strides"),
+                 ("dilation", "dilation_rate"), ("bias", "use_bias"))
+
+
+def _native_message(error: ValueError) -> str:
+    message = str(error)
+    for canonical, native in _NATIVE_NAMES:
+        if message.startswith(canonical + " "):
+            return native + message[len(canonical):]
+    return message
+
+
+def _keras_spec(filters: Any, kernel_size: Any, strides: Any, padding: Any, data_format: Any,
+                dilation_rate: Any, groups: Any, use_bias: Any, D_mul: Any
+                ) -> tuple[ConvSpec, str]:
+    """Validate Keras' Conv2D arguments through the core's ConvSpec (in_channels deferred)."""
+    if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+        raise ValueError(
+            "padding must be 'valid' or 'same' (Keras' Conv2D has no explicit padding), "
+            f"got {padding!r}")
+    if data_format is None:
+        data_format = keras.backend.image_data_format()
+    if data_format not in ("channels_last", "channels_first"):
+        raise ValueError("data_format must be 'channels_last', 'channels_first' or None, "
+                         f"got {data_format!r}")
+    try:
+        spec = ConvSpec(None, filters, kernel_size, strides, padding.lower(), dilation_rate,
+                        groups, bias=use_bias, D_mul=D_mul)
+    except ValueError as error:
+        raise ValueError(_native_message(error)) from None
+    if max(spec.stride) > 1 and max(spec.dilation) > 1:
+        # Keras' Conv2D refuses this too (TensorFlow's convolution cannot do it).
+        raise ValueError("strides > 1 together with dilation_rate > 1 is not supported by "
+                         f"Keras' Conv2D, got strides={spec.stride} and "
+                         f"dilation_rate={spec.dilation}")
+    return spec, data_format
+
+
+class _KernelCache:
+    """The last composed kernel and the arrays it was composed from (JAX eager only)."""
+
+    __slots__ = ("sources", "kernel")
+
+    def __init__(self) -> None:
+        self.sources: tuple = ()
+        self.kernel = None
+
+
+def _concrete(*tensors: Any) -> bool:
+    """True for eager JAX arrays (not tracers): only then is identity a sound cache key."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax  # the jax backend is loaded, so this is free
+
+    return not any(isinstance(t, jax.core.Tracer) for t in tensors)
+
+
+@keras.saving.register_keras_serializable(package="doconv")
+class DOConv2D(keras.layers.Layer):
+    """Depthwise over-parameterized Conv2D: Keras' Conv2D arguments plus keyword ``D_mul``."""
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: int | tuple[int, int],
+        strides: int | tuple[int, int] = (1, 1),
+        padding: str = "valid",
+        data_format: str | None = None,
+        dilation_rate: int | tuple[int, int] = (1, 1),
+        groups: int = 1,
+        activation: Any = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        bias_initializer: Any = "zeros",
+        kernel_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        activity_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        bias_constraint: Any = None,
+        *,
+        D_mul: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Validate everything before any state exists.
+        spec, data_format = _keras_spec(filters, kernel_size, strides, padding, data_format,
+                                        dilation_rate, groups, use_bias, D_mul)
+        resolved = {
+            "activation": activations.get(activation),
+            "kernel_initializer": initializers.get(kernel_initializer),
+            "bias_initializer": initializers.get(bias_initializer),
+            "kernel_regularizer": regularizers.get(kernel_regularizer),
+            "bias_regularizer": regularizers.get(bias_regularizer),
+            "kernel_constraint": constraints.get(kernel_constraint),
+            "bias_constraint": constraints.get(bias_constraint),
+        }
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self._spec = spec
+        self.filters = spec.out_channels
+        self.kernel_size = spec.kernel_size
+        self.strides = spec.stride
+        self.padding = spec.padding
+        self.data_format = data_format
+        self.dilation_rate = spec.dilation
+        self.groups = spec.groups
+        self.use_bias = spec.bias
+        self.D_mul = spec.D_mul
+        for name, value in resolved.items():
+            setattr(self, name, value)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+        self._cache = _KernelCache()
+        self.W = self.D = self.bias = None
+
+    # -- state ---------------------------------------------------------------
+    @property
+    def spec(self) -> ConvSpec:
+        """The core's ConvSpec (in_channels is None until the layer is built)."""
+        return self._spec
+
+    def _channel_axis(self) -> int:
+        return -1 if self.data_format == "channels_last" else 1
+
+    def build(self, input_shape: tuple) -> None:
+        if len(input_shape) != 4:
+            raise ValueError(f"DOConv2D expects 4-D inputs (batch, ...), got shape {input_shape}")
+        channels = input_shape[self._channel_axis()]
+        if channels is None:
+            raise ValueError(f"the input's channel dimension must be known, got shape "
+                             f"{input_shape} with data_format={self.data_format!r}")
+        spec = self._spec.with_in_channels(int(channels))  # ValueError on bad groups
+        self._spec = spec
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={self._channel_axis(): channels})
+        self._d_diag = doconv_core.identity_d(spec.in_channels, spec.mn, spec.D_mul,
+                                              np.float64) if spec.has_D else None
+        self.W = self.add_weight(
+            name="W", shape=(spec.D_mul, spec.in_per_group, spec.out_channels),
+            initializer=self._initialize_W, regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint, trainable=True, autocast=False)
+        if spec.has_D:
+            self.D = self.add_weight(name="D", shape=spec.D_shape, initializer="zeros",
+                                     trainable=True, autocast=False)
+        if spec.bias:
+            self.bias = self.add_weight(
+                name="bias", shape=(spec.out_channels,), initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer, constraint=self.bias_constraint,
+                trainable=True, autocast=False)
+
+    def _initialize_W(self, shape: tuple, dtype: Any = None) -> Any:
+        M, N = self.kernel_size
+        kernel_shape = (M, N, shape[1], shape[2])
+        blocks = [ops.reshape(self.kernel_initializer(kernel_shape, dtype=dtype),
+                              (M * N, shape[1], shape[2]))
+                  for _ in range(math.ceil(shape[0] / (M * N)))]
+        stacked = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=0)
+        return stacked[: shape[0]]
+
+    # -- composition -----------------------------------------------------------
+    def _compose(self, W: Any, D: Any) -> Any:
+        """The HWIO kernel from Keras-layout W and canonical D: one batched einsum."""
+        spec = self._spec
+        (M, N), g = spec.kernel_size, spec.groups
+        if D is None:
+            return ops.reshape(W, (M, N, spec.in_per_group, spec.out_channels))
+        dtype = keras.backend.standardize_dtype(W.dtype)
+        D_total = ops.add(D, ops.convert_to_tensor(self._d_diag, dtype=dtype))
+        Wg = ops.reshape(W, (spec.D_mul, spec.in_per_group, g, spec.out_per_group))
+        Dg = ops.reshape(D_total, (g, spec.in_per_group, spec.mn, spec.D_mul))
+        # K[m, i, g, o] = sum_s D'[g*I_g + i, m, s] * W[s, i, g*O_g + o]: the core's formula.
+        K = ops.einsum("sigo,gims->migo", Wg, Dg)
+        return ops.reshape(K, (M, N, spec.in_per_group, spec.out_channels))
+
+    def _composed_kernel(self) -> Any:
+        W = ops.convert_to_tensor(self.W)
+        D = None if self.D is None else ops.convert_to_tensor(self.D)
+        sources = (W,) if D is None else (W, D)
+        if not _concrete(*sources):
+            return self._compose(W, D)
+        cache = self._cache
+        if len(cache.sources) == len(sources) and all(
+                a is b for a, b in zip(cache.sources, sources)):
+            return cache.kernel
+        kernel = self._compose(W, D)
+        cache.sources, cache.kernel = sources, kernel  # holding W, D keeps identity sound
+        return kernel
+
+    @property
+    def kernel(self) -> Any:
+        """The composed kernel in Keras' HWIO layout (filter_h, filter_w, C_in/g, filters)."""
+        if not self.built:
+            raise AttributeError("You must build the layer before accessing `kernel`.")
+        return self._composed_kernel()
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        dtype = self.compute_dtype
+        if keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
+            inputs = ops.cast(inputs, dtype)
+        kernel = ops.cast(self._composed_kernel(), dtype)
+        outputs = ops.conv(inputs, kernel, strides=list(self.strides), padding=self.padding,
+                           dilation_rate=self.dilation_rate, data_format=self.data_format)
+        if self.use_bias:
+            bias = ops.cast(self.bias, dtype)
+            if self.data_format == "channels_last":
+                outputs = ops.add(outputs, ops.reshape(bias, (1, 1, 1, self.filters)))
+            else:
+                # Bias first: Keras 3.15's TensorFlow ops.add(x, bias) takes a (1, C, 1, 1)
+                # bias for an NHWC one when x's width equals C (and adds it along the width).
+                outputs = ops.add(ops.reshape(bias, (1, self.filters, 1, 1)), outputs)
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        channels_last = self.data_format == "channels_last"
+        spatial = input_shape[1:3] if channels_last else input_shape[2:4]
+        out = []
+        for n, k, s, d in zip(spatial, self.kernel_size, self.strides, self.dilation_rate):
+            if n is None:
+                out.append(None)
+            elif self.padding == "same":
+                out.append(-(-n // s))
+            else:
+                out.append((n - (k - 1) * d - 1) // s + 1)
+        if any(size is not None and size < 1 for size in out):
+            raise ValueError(
+                f"the input's spatial size {tuple(spatial)} is too small for kernel_size "
+                f"{self.kernel_size} with dilation_rate {self.dilation_rate} and padding "
+                f"{self.padding!r}")
+        batch = input_shape[0]
+        if channels_last:
+            return (batch, out[0], out[1], self.filters)
+        return (batch, self.filters, out[0], out[1])
+
+    # -- serialisation -----------------------------------------------------------
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "padding": self.padding,
+            "data_format": self.data_format,
+            "dilation_rate": self.dilation_rate,
+            "groups": self.groups,
+            "activation": activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "activity_regularizer": regularizers.serialize(self.activity_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+            "D_mul": self.D_mul,
+        })
+        return config
+
+    # -- the core's container, legacy import, fusion ----------------------------------
+    def _require_built(self, what: str) -> ConvSpec:
+        if not self.built:
+            raise ValueError(f"{what} needs a built layer (its in_channels); call the layer on "
+                             "an input or layer.build(input_shape) first")
+        return self._spec
+
+    def to_params(self) -> DOConvParams:
+        """This layer's parameters in the core's canonical layout."""
+        spec = self._require_built("to_params")
+        W = np.transpose(keras.ops.convert_to_numpy(self.W), (2, 1, 0))
+        D = None if self.D is None else keras.ops.convert_to_numpy(self.D)
+        bias = None if self.bias is None else keras.ops.convert_to_numpy(self.bias)
+        return DOConvParams(spec, W, D, bias)
+
+    def set_params(self, params: DOConvParams) -> None:
+        """Load canonical parameters whose spec equals this (built) layer's."""
+        spec = self._require_built("set_params")
+        if not isinstance(params, DOConvParams):
+            raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
+        if not params.spec.same_function(spec):
+            raise ValueError(f"params.spec must equal layer {self.name!r}'s spec {spec}, "
+                             f"got {params.spec}")
+        self.W.assign(np.transpose(params.W, (2, 1, 0)).astype(self.W.dtype))
+        if self.D is not None:
+            self.D.assign(np.asarray(params.D, dtype=self.D.dtype))
+        if self.bias is not None:
+            self.bias.assign(np.asarray(params.bias, dtype=self.bias.dtype))
+
+    @classmethod
+    def from_params(cls, params: DOConvParams, **kwargs: Any) -> "DOConv2D":
+        """A built DOConv2D holding ``params``; kwargs are the other Conv2D arguments."""
+        if not isinstance(params, DOConvParams):
+            raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
+        spec = params.spec
+        fixed = {"filters", "kernel_size", "strides", "padding", "dilation_rate", "groups",
+                 "use_bias", "D_mul"}
+        clash = sorted(fixed & set(kwargs))
+        if clash:
+            raise ValueError(f"from_params takes {clash} from params.spec; do not pass them")
+        if spec.padding_mode != "zeros":
+            raise ValueError("Keras pads with zeros only; params.spec.padding_mode must be "
+                             f"'zeros', got {spec.padding_mode!r}")
+        padding = "valid" if spec.padding == (0, 0) else spec.padding  # the same thing
+        layer = cls(spec.out_channels, spec.kernel_size, spec.stride, padding,
+                    dilation_rate=spec.dilation, groups=spec.groups, use_bias=spec.bias,
+                    D_mul=spec.D_mul, **kwargs)
+        shape = (None, None, None, spec.in_channels) \
+            if layer.data_format == "channels_last" else (None, spec.in_channels, None, None)
+        layer.build(shape)
+        layer.set_params(params)
+        return layer
+
+    def fuse(self) -> keras.layers.Conv2D:
+        """A built Conv2D computing this layer's function with the composed kernel."""
+        self._require_built("fuse")
+        config = self.get_config()
+        config.pop("D_mul")
+        conv = keras.layers.Conv2D.from_config(config)
+        shape = (None, None, None, self._spec.in_channels) \
+            if self.data_format == "channels_last" else (None, self._spec.in_channels, None, None)
+        conv.build(shape)
+        weights = [keras.ops.convert_to_numpy(self.kernel)]
+        if self.use_bias:
+            weights.append(keras.ops.convert_to_numpy(self.bias))
+        conv.set_weights(weights)
+        return conv

@@ -1,0 +1,51 @@
+"""Keras' artifacts for the cross-framework suite (tox env ``cross`` compares them), written
+as ``keras-tf`` or ``keras-jax`` after the backend in use.
+
+Written to $DOCONV_ARTIFACTS (tox sets it) or, outside tox, to a temporary folder; either
+way this backend's results are checked against the NumPy reference here too.
+"""
+
+import dataclasses
+import os
+
+import keras
+import numpy as np
+
+from doconv_core import DOConvParams, crosscheck
+from doconv_tf import DOConv2D
+from kutils import BACKEND, float64, gradients, to_keras, to_nchw
+from test_reference import keras_reason
+
+FRAMEWORK = {"tensorflow": "keras-tf", "jax": "keras-jax"}[BACKEND]
+
+
+def unsupported_reason(case, dtype):
+    reason = keras_reason(case)
+    if reason is None and case.spec.padding_mode != "zeros" and case.spec.padding == "same":
+        reason = "Keras pads with zeros only"
+    return reason
+
+
+def compute(case, dtype, inputs, R):
+    # With 'valid' padding nothing is padded: the padding mode does not change the function.
+    spec = dataclasses.replace(case.spec, padding_mode="zeros")
+    params = DOConvParams(spec, W=inputs["W"], D=inputs["D"], bias=inputs["bias"])
+    with float64():
+        layer = DOConv2D.from_params(params, data_format="channels_last", dtype=dtype)
+        x = to_keras(inputs["x"], "channels_last")
+        y = to_nchw(keras.ops.convert_to_numpy(layer(x)), "channels_last")
+        grads = gradients(layer, x, to_keras(R, "channels_last"))
+        exported = layer.to_params()
+    return {"output": y, "kernel": exported.kernel(),
+            "grad_x": to_nchw(grads["x"], "channels_last"),
+            "grad_D": grads.get("D"), "grad_W": np.transpose(grads["W"], (2, 1, 0)),
+            "grad_bias": grads.get("bias")}
+
+
+def test_write_cross_artifacts(tmp_path):
+    directory = os.environ.get("DOCONV_ARTIFACTS") or str(tmp_path)
+    crosscheck.produce_artifacts(directory, FRAMEWORK, compute, unsupported_reason)
+    artifacts, failures = crosscheck.self_check(directory, FRAMEWORK)
+    assert not failures, "\n".join(failures)
+    assert len({case for case, _ in artifacts.results}) >= 20
+    assert np.isfinite(next(iter(artifacts.results.values()))["output"]).all()
