@@ -26,8 +26,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .cases import Case, digest, property_cases
+from .spec import ConvSpec
 from .compose import compose_kernel
-from .params import CheckpointError
+from .params import CheckpointError, DOConvParams, load_params
 from .reference import doconv2d, doconv2d_vjp
 
 FIELDS = ("output", "kernel", "grad_x", "grad_D", "grad_W", "grad_bias")
@@ -245,14 +246,117 @@ def failure_lines(rows: Iterable[Row], limit: int = 30) -> list[str]:
     return lines
 
 
+# -- transfer: a small model trained in one framework, loaded into the others ------------
+# Expressible in every framework: stride-1 'same' with odd kernels, 'valid' otherwise.
+TRANSFER_LAYERS = {
+    "conv1": ConvSpec(3, 8, 3, padding="same"),
+    "conv2": ConvSpec(8, 8, 3, stride=2, padding="valid", groups=2, D_mul=12),
+    "conv3": ConvSpec(8, 16, 3, padding="same", groups=8, bias=False),  # depthwise, x2
+    "conv4": ConvSpec(16, 10, 1),
+}
+TRANSFER_STEPS = 3
+TRANSFER_LEARNING_RATE = 0.05
+# float32 models computed by different libraries: outputs agree to rounding, not bitwise.
+TRANSFER_TOLERANCE = 1e-5
+
+
+def transfer_data() -> dict[str, np.ndarray]:
+    """Training batch (x, target) and the probe input every framework predicts on (NCHW)."""
+    rng = np.random.default_rng(2022)
+    return {"x": rng.standard_normal((8, 3, 12, 12)).astype(np.float32),
+            "target": rng.standard_normal((8, 10)).astype(np.float32),
+            "probe": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)}
+
+
+def transfer_forward(layers: Mapping[str, DOConvParams], x: np.ndarray) -> np.ndarray:
+    """The transfer model in NumPy: conv, ReLU between convs, global average pool."""
+    y = np.asarray(x, dtype=np.float64)
+    names = list(TRANSFER_LAYERS)
+    for index, name in enumerate(names):
+        p = layers[name]
+        y = doconv2d(y, p.D, p.W, p.bias, p.spec)
+        if index < len(names) - 1:
+            y = np.maximum(y, 0.0)
+    return y.mean(axis=(2, 3))
+
+
+def transfer_paths(directory: str | os.PathLike, exporter: str,
+                   importer: str | None = None) -> str:
+    """Where an exporter's parameters (importer None) or an importer's predictions go."""
+    name = (f"transfer-{exporter}.npz" if importer is None
+            else f"transfer-{exporter}-into-{importer}.npz")
+    return os.path.join(directory, name)
+
+
+def save_predictions(path: str, unfused: np.ndarray, fused: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.savez(handle, unfused=np.asarray(unfused), fused=np.asarray(fused))
+
+
+def compare_transfer(directory: str | os.PathLike, frameworks: Sequence[str]
+                     ) -> tuple[str, list[str], int]:
+    """(table, failures, directions passed): every exporter's model as predicted by every
+    framework, unfused and fused, against the NumPy reference of the exported parameters."""
+    probe = transfer_data()["probe"]
+    header = ["exported by \\ predicted by"] + list(frameworks)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    failures: list[str] = []
+    passed = 0
+    for exporter in frameworks:
+        cells = [exporter]
+        path = transfer_paths(directory, exporter)
+        if not os.path.exists(path):
+            failures.append(f"missing {path}: run the {exporter} env first")
+            lines.append("| " + " | ".join(cells + ["missing"] * len(frameworks)) + " |")
+            continue
+        layers = load_params(path)
+        if set(layers) != set(TRANSFER_LAYERS) or any(
+                not layers[n].spec.same_function(s) for n, s in TRANSFER_LAYERS.items()):
+            failures.append(f"{path} does not hold the transfer model's layers")
+            continue
+        reference = transfer_forward(layers, probe)
+        scale = max(float(np.max(np.abs(reference))), 1e-12)
+        for importer in frameworks:
+            result = transfer_paths(directory, exporter, importer)
+            if not os.path.exists(result):
+                failures.append(f"missing {result}: {importer} did not load {exporter}'s model")
+                cells.append("missing")
+                continue
+            with np.load(result, allow_pickle=False) as predictions:
+                errors = [float(np.max(np.abs(predictions[kind].astype(np.float64)
+                                              - reference))) / scale
+                          for kind in ("unfused", "fused")]
+            worst = max(errors)
+            if worst <= TRANSFER_TOLERANCE:
+                passed += 1
+            else:
+                failures.append(f"FAIL {exporter} -> {importer}: relative error unfused "
+                                f"{errors[0]:.2e}, fused {errors[1]:.2e}")
+            cells.append(f"{worst:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), failures, passed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", required=True, help="folder the framework envs wrote to")
     parser.add_argument("--frameworks", default="torch,keras-tf,keras-jax,mx",
                         help="comma-separated; each must have written <artifacts>/<name>.npz")
     parser.add_argument("--markdown", default=None, help="also write the summary table here")
+    parser.add_argument("--transfer", action="store_true",
+                        help="compare the transfer model's predictions instead")
     args = parser.parse_args(argv)
     frameworks = [f for f in args.frameworks.split(",") if f]
+    if args.transfer:
+        table, failures, passed = compare_transfer(args.artifacts, frameworks)
+        print("Transfer model: maximum relative error of the probe predictions (unfused and "
+              f"fused, worst of the two) against the NumPy reference; tolerance "
+              f"{TRANSFER_TOLERANCE:.0e}\n")
+        print(table)
+        for line in failures:
+            print(line, file=sys.stderr)
+        print(f"\n{passed} passed, {len(failures)} failed")
+        return 1 if failures else 0
     loaded, missing = [], []
     for framework in frameworks:
         try:

@@ -1,5 +1,7 @@
 """The cross-framework comparison logic, on simulated framework artifacts."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -127,3 +129,35 @@ def test_self_check_reports_failures(tmp_path, use_small_case_set):
     crosscheck.write_artifacts(tmp_path, "broken", broken, {}, CASES)
     failures = crosscheck.self_check(tmp_path, "broken")[1]
     assert failures and all("between" in line for line in failures if line.startswith("FAIL"))
+
+
+def transfer_params(seed):
+    rng = np.random.default_rng(seed)
+    return {name: dc.DOConvParams(
+        spec, W=rng.standard_normal(spec.W_shape).astype(np.float32),
+        D=rng.standard_normal(spec.D_shape).astype(np.float32) * 0.1 if spec.has_D else None,
+        bias=rng.standard_normal(spec.out_channels).astype(np.float32) if spec.bias else None)
+        for name, spec in crosscheck.TRANSFER_LAYERS.items()}
+
+
+def test_transfer_comparison(tmp_path, capsys):
+    probe = crosscheck.transfer_data()["probe"]
+    frameworks = ["a", "b"]
+    for seed, exporter in enumerate(frameworks):
+        layers = transfer_params(seed)
+        dc.save_params(crosscheck.transfer_paths(tmp_path, exporter), layers)
+        good = crosscheck.transfer_forward(layers, probe).astype(np.float32)
+        for importer in frameworks:
+            crosscheck.save_predictions(crosscheck.transfer_paths(tmp_path, exporter, importer),
+                                        good, good)
+    table, failures, passed = crosscheck.compare_transfer(tmp_path, frameworks)
+    assert failures == [] and passed == 4
+    assert "| a | " in table
+    # An importer that reads the other exporter's channels wrongly is caught.
+    wrong = crosscheck.transfer_forward(transfer_params(0), probe)
+    crosscheck.save_predictions(crosscheck.transfer_paths(tmp_path, "b", "a"), wrong, wrong)
+    os.remove(crosscheck.transfer_paths(tmp_path, "a", "b"))
+    code = crosscheck.main(["--transfer", "--artifacts", str(tmp_path), "--frameworks", "a,b"])
+    out = capsys.readouterr()
+    assert code == 1
+    assert "FAIL b -> a" in out.err and "missing" in out.err and "2 passed, 2 failed" in out.out

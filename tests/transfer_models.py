@@ -1,0 +1,226 @@
+"""The transfer model of the cross-framework suite, per framework, and its driver.
+
+    python tests/transfer_models.py export FRAMEWORK --artifacts DIR
+    python tests/transfer_models.py import FRAMEWORK --artifacts DIR --from torch,keras-tf,...
+
+``export`` trains the model (doconv_core.crosscheck.TRANSFER_LAYERS, ReLU between convs,
+global average pool) for a few SGD steps in FRAMEWORK, writes its parameters to the
+portable .npz and its own probe predictions (unfused and fused). ``import`` loads every
+other framework's file into FRAMEWORK's model and writes its predictions. The ``cross``
+env then compares everything with the NumPy reference (crosscheck --transfer).
+Each framework's code runs in that framework's own environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from doconv_core import crosscheck  # noqa: E402
+from doconv_core.crosscheck import TRANSFER_LAYERS  # noqa: E402
+
+FRAMEWORKS = ("torch", "keras-tf", "keras-jax", "mx")
+
+
+class TorchModel:
+    def __init__(self) -> None:
+        import torch
+        from torch import nn
+
+        import doconv_torch
+
+        self.torch, self.doconv = torch, doconv_torch
+        torch.manual_seed(0)
+        layers: OrderedDict = OrderedDict()
+        for index, (name, s) in enumerate(TRANSFER_LAYERS.items()):
+            layers[name] = doconv_torch.DOConv2d(
+                s.in_channels, s.out_channels, s.kernel_size, s.stride, s.padding, s.dilation,
+                s.groups, s.bias, s.padding_mode, D_mul=s.D_mul)
+            if index < len(TRANSFER_LAYERS) - 1:
+                layers[f"relu{index + 1}"] = nn.ReLU()
+        layers["pool"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten()
+        self.model = nn.Sequential(layers)
+
+    def train(self, x: np.ndarray, target: np.ndarray) -> None:
+        torch = self.torch
+        optimizer = torch.optim.SGD(self.model.parameters(),
+                                    lr=crosscheck.TRANSFER_LEARNING_RATE)
+        for _ in range(crosscheck.TRANSFER_STEPS):
+            optimizer.zero_grad()
+            loss = ((self.model(torch.from_numpy(x)) - torch.from_numpy(target)) ** 2).mean()
+            loss.backward()
+            optimizer.step()
+
+    def save(self, path: str) -> None:
+        self.doconv.export_params(self.model, path)
+
+    def load(self, path: str) -> None:
+        self.doconv.import_params(self.model, path)
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        self.model.eval()
+        with torch.no_grad():
+            unfused = self.model(torch.from_numpy(x)).numpy()
+            fused = self.doconv.fuse(self.model)(torch.from_numpy(x)).numpy()
+        return unfused, fused
+
+
+class KerasModel:
+    def __init__(self) -> None:
+        import keras
+
+        import doconv_tf
+
+        self.keras, self.doconv = keras, doconv_tf
+        keras.utils.set_random_seed(0)
+        layers = [keras.Input((12, 12, 3))]
+        for index, (name, s) in enumerate(TRANSFER_LAYERS.items()):
+            padding = s.padding if isinstance(s.padding, str) else "valid"
+            layers.append(doconv_tf.DOConv2D(
+                s.out_channels, s.kernel_size, s.stride, padding, dilation_rate=s.dilation,
+                groups=s.groups, use_bias=s.bias, D_mul=s.D_mul, name=name,
+                activation="relu" if index < len(TRANSFER_LAYERS) - 1 else None))
+        layers.append(keras.layers.GlobalAveragePooling2D())
+        self.model = keras.Sequential(layers)
+
+    def train(self, x: np.ndarray, target: np.ndarray) -> None:
+        keras = self.keras
+        self.model.compile(optimizer=keras.optimizers.SGD(crosscheck.TRANSFER_LEARNING_RATE),
+                           loss="mse")
+        self.model.fit(np.transpose(x, (0, 2, 3, 1)), target, batch_size=len(x),
+                       epochs=crosscheck.TRANSFER_STEPS, shuffle=False, verbose=0)
+
+    def save(self, path: str) -> None:
+        self.doconv.export_params(self.model, path)
+
+    def load(self, path: str) -> None:
+        self.doconv.import_params(self.model, path)
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        nhwc = np.transpose(x, (0, 2, 3, 1))
+        unfused = self.model.predict(nhwc, verbose=0)
+        fused = self.doconv.fuse(self.model).predict(nhwc, verbose=0)
+        return np.asarray(unfused), np.asarray(fused)
+
+
+class MxModel:
+    def __init__(self) -> None:
+        import mxnet as mx
+        from mxnet import gluon
+
+        import doconv_mx
+
+        self.mx, self.gluon, self.doconv = mx, gluon, doconv_mx
+        mx.random.seed(0)
+
+        class Net(gluon.HybridBlock):
+            def __init__(self) -> None:
+                super().__init__()
+                with self.name_scope():
+                    for index, (name, s) in enumerate(TRANSFER_LAYERS.items()):
+                        padding = s.normalized().padding
+                        setattr(self, name, doconv_mx.DOConv2D(
+                            s.out_channels, s.kernel_size, s.stride,
+                            (0, 0) if padding == "valid" else padding, s.dilation, s.groups,
+                            activation="relu" if index < len(TRANSFER_LAYERS) - 1 else None,
+                            use_bias=s.bias, in_channels=s.in_channels, D_mul=s.D_mul))
+
+            def hybrid_forward(self, F, x):
+                for name in TRANSFER_LAYERS:
+                    x = getattr(self, name)(x)
+                return F.mean(x, axis=(2, 3))
+
+        self.model = Net()
+        self.model.initialize(mx.init.Xavier())
+
+    def train(self, x: np.ndarray, target: np.ndarray) -> None:
+        mx, gluon = self.mx, self.gluon
+        trainer = gluon.Trainer(self.model.collect_params(), "sgd",
+                                {"learning_rate": crosscheck.TRANSFER_LEARNING_RATE})
+        for _ in range(crosscheck.TRANSFER_STEPS):
+            with mx.autograd.record():
+                loss = ((self.model(mx.nd.array(x)) - mx.nd.array(target)) ** 2).mean()
+            loss.backward()
+            trainer.step(1)
+
+    def save(self, path: str) -> None:
+        self.doconv.export_params(self.model, path)
+
+    def load(self, path: str) -> None:
+        self.doconv.import_params(self.model, path)
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        unfused = self.model(self.mx.nd.array(x)).asnumpy()
+        self.doconv.fuse(self.model)
+        fused = self.model(self.mx.nd.array(x)).asnumpy()
+        return unfused, fused
+
+
+def make_model(framework: str):
+    if framework.startswith("keras-"):
+        backend = {"keras-tf": "tensorflow", "keras-jax": "jax"}[framework]
+        if os.environ.setdefault("KERAS_BACKEND", backend) != backend:
+            raise SystemExit(f"{framework} needs KERAS_BACKEND={backend}, "
+                             f"got {os.environ['KERAS_BACKEND']}")
+        return KerasModel()
+    if framework == "torch":
+        return TorchModel()
+    if framework == "mx":
+        return MxModel()
+    raise SystemExit(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+
+
+def export(framework: str, directory: str) -> str:
+    data = crosscheck.transfer_data()
+    model = make_model(framework)
+    model.train(data["x"], data["target"])
+    os.makedirs(directory, exist_ok=True)
+    path = crosscheck.transfer_paths(directory, framework)
+    model.save(path)
+    crosscheck.save_predictions(crosscheck.transfer_paths(directory, framework, framework),
+                                *model.predict(data["probe"]))
+    return path
+
+
+def import_all(framework: str, directory: str, exporters: list[str]) -> list[str]:
+    probe = crosscheck.transfer_data()["probe"]
+    written = []
+    for exporter in exporters:
+        if exporter == framework:
+            continue
+        source = crosscheck.transfer_paths(directory, exporter)
+        if not os.path.exists(source):
+            raise SystemExit(f"missing {source}: run the {exporter} env first")
+        model = make_model(framework)
+        model.load(source)
+        target = crosscheck.transfer_paths(directory, exporter, framework)
+        crosscheck.save_predictions(target, *model.predict(probe))
+        written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("export", "import"))
+    parser.add_argument("framework", choices=FRAMEWORKS)
+    parser.add_argument("--artifacts", required=True)
+    parser.add_argument("--from", dest="exporters", default=",".join(FRAMEWORKS))
+    args = parser.parse_args(argv)
+    if args.action == "export":
+        print(export(args.framework, args.artifacts))
+    else:
+        for path in import_all(args.framework, args.artifacts, args.exporters.split(",")):
+            print(path)
+
+
+if __name__ == "__main__":
+    main()
