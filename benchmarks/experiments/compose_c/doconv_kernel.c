@@ -1,0 +1,162 @@
+/* DO-Conv kernel composition: K[o,i,:] = (D+Ddiag)[c] @ W[o,i,:],  c = (o/Og)*Ig + i
+   W (O, Ig, S), D (Cin, MN, S), K (O, Ig, MN), all contiguous; Ddiag = floor(S/MN) identity
+   blocks along s (added on the fly, never read).  Work is split into tiles of up to CB input
+   channels of one group; the tile's padded D' stays in L1 while all Og output rows of the group
+   stream through (CB*S contiguous elements per row).  Tiles own disjoint c => dD is written
+   without races or reductions.  OpenMP over tiles.  GCC/Clang vector extensions (portable,
+   lowered to AVX-512/AVX2/SSE/NEON by the compiler).  MN, S up to 32 (f32/f64).
+   The tile functions are always_inline and the OpenMP loop lives in per-size wrappers, so
+   common sizes (MN = 9; S = 9, 12, 16) get compile-time constant trip counts. */
+#include <string.h>
+/* channels per tile: 16 for float, 8 for double (tile rows = 576 B = 9 lines for S = 9) */
+#define CB_(T) (64 / (int)sizeof(T))
+
+/* native SIMD width in bytes: padded rows are arrays of NV native vectors, so scalar*vector
+   broadcasts stay in registers (wider-than-native generic vectors spill through the stack) */
+#if defined(__AVX512F__)
+#define VBYTES 64
+#elif defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16
+#endif
+
+#define DEFINE_TILES(T, SUF, PAD)                                                           \
+typedef T vb_##SUF##_##PAD __attribute__((vector_size(VBYTES)));                            \
+typedef T ub_##SUF##_##PAD __attribute__((vector_size(VBYTES), aligned(sizeof(T)), may_alias)); \
+static inline __attribute__((always_inline)) void                                           \
+fwd_tile_##SUF##_##PAD(long t, const T* restrict W, const T* restrict D, T* restrict K,     \
+        long O, long Ig, long g, const long MN, const long S) {                             \
+    typedef vb_##SUF##_##PAD V; enum { CB = CB_(T), VL = VBYTES / sizeof(T), NV = PAD / VL }; \
+    long Og = O / g, nIB = (Ig + CB - 1) / CB, nb = S / MN;                                 \
+    V DT[CB][PAD][NV]; /* DT[j][s][m] = D'[c0+j][m][s] */                                   \
+    long grp = t / nIB, i0 = (t % nIB) * CB, nc = Ig - i0 < CB ? Ig - i0 : CB;              \
+    for (long j = 0; j < nc; ++j) {                                                         \
+        const T* Dc = D + (grp * Ig + i0 + j) * MN * S;                                     \
+        for (long s = 0; s < S; ++s) {                                                      \
+            T v[PAD] = {0};                                                                 \
+            for (long m = 0; m < MN; ++m)                                                   \
+                v[m] = Dc[m * S + s] + ((s % MN == m && s < nb * MN) ? (T)1 : (T)0);        \
+            memcpy(DT[j][s], v, sizeof(v));                                                 \
+        }                                                                                   \
+    }                                                                                       \
+    for (long o = grp * Og; o < (grp + 1) * Og; ++o) {                                      \
+        const T* restrict w = W + (o * Ig + i0) * S;                                        \
+        T* restrict k = K + (o * Ig + i0) * MN;                                             \
+        for (long j = 0; j < nc; ++j, w += S, k += MN) {                                    \
+            V acc[NV];                                                                      \
+            for (int v = 0; v < NV; ++v) acc[v] = (V){0};                                   \
+            for (long s = 0; s < S; ++s) { T ws = w[s];                                     \
+                for (int v = 0; v < NV; ++v) acc[v] += ws * DT[j][s][v]; }                  \
+            memcpy(k, acc, MN * sizeof(T));                                                 \
+        }                                                                                   \
+    }                                                                                       \
+}                                                                                           \
+static inline __attribute__((always_inline)) void                                           \
+bwd_tile_##SUF##_##PAD(long t, const T* restrict W, const T* restrict D,                    \
+        const T* restrict dK, T* restrict dW, T* restrict dD,                               \
+        long O, long Ig, long g, const long MN, const long S) {                             \
+    typedef vb_##SUF##_##PAD V; enum { CB = CB_(T), VL = VBYTES / sizeof(T), NV = PAD / VL }; \
+    long Og = O / g, nIB = (Ig + CB - 1) / CB, nb = S / MN;                                 \
+    V Dp[CB][PAD][NV], acc[CB][PAD][NV]; /* [j][m][s] */                                    \
+    const T* Wend = W + O * Ig * S;                                                         \
+    long grp = t / nIB, i0 = (t % nIB) * CB, nc = Ig - i0 < CB ? Ig - i0 : CB;              \
+    for (long j = 0; j < nc; ++j) {                                                         \
+        const T* Dc = D + (grp * Ig + i0 + j) * MN * S;                                     \
+        for (long m = 0; m < MN; ++m) {                                                     \
+            T v[PAD] = {0};                                                                 \
+            for (long s = 0; s < S; ++s)                                                    \
+                v[s] = Dc[m * S + s] + ((s % MN == m && s < nb * MN) ? (T)1 : (T)0);        \
+            memcpy(Dp[j][m], v, sizeof(v));                                                 \
+            for (int q = 0; q < NV; ++q) acc[j][m][q] = (V){0};                             \
+        }                                                                                   \
+    }                                                                                       \
+    for (long o = grp * Og; o < (grp + 1) * Og; ++o) {                                      \
+        const T* restrict w = W + (o * Ig + i0) * S;                                        \
+        const T* restrict dk = dK + (o * Ig + i0) * MN;                                     \
+        T* restrict dw = dW + (o * Ig + i0) * S;                                            \
+        for (long j = 0; j < nc; ++j, w += S, dk += MN, dw += S) {                          \
+            V wv[NV], gw[NV];                                                               \
+            /* full-width unaligned loads (lanes >= S read the next row and are never      \
+               stored); the last rows of W take the exact-size copy instead */              \
+            if (w + PAD <= Wend) {                                                          \
+                for (int q = 0; q < NV; ++q) wv[q] = *(const ub_##SUF##_##PAD*)(w + q * VL); \
+            } else {                                                                        \
+                for (int q = 0; q < NV; ++q) wv[q] = (V){0};                                \
+                memcpy(wv, w, S * sizeof(T));                                               \
+            }                                                                               \
+            for (int q = 0; q < NV; ++q) gw[q] = (V){0};                                    \
+            for (long m = 0; m < MN; ++m) { T gm = dk[m];                                   \
+                for (int q = 0; q < NV; ++q) {                                              \
+                    gw[q] += gm * Dp[j][m][q]; acc[j][m][q] += gm * wv[q]; } }              \
+            memcpy(dw, gw, S * sizeof(T));                                                  \
+        }                                                                                   \
+    }                                                                                       \
+    for (long j = 0; j < nc; ++j) {                                                         \
+        T* dDc = dD + (grp * Ig + i0 + j) * MN * S;                                         \
+        for (long m = 0; m < MN; ++m) memcpy(dDc + m * S, acc[j][m], S * sizeof(T));       \
+    }                                                                                       \
+}
+
+/* one OpenMP driver per (dtype, PAD, size specialisation); MNV/SV are constants or the args */
+#define DEFINE_DRIVER(T, SUF, PAD, NAME, MNV, SV)                                           \
+static void fwd_##SUF##_##NAME(const T* W, const T* D, T* K, long O, long Ig, long g,       \
+                               long MN, long S, int nth) {                                  \
+    long ntiles = g * ((Ig + CB_(T) - 1) / CB_(T)); (void)MN; (void)S;                      \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nth)")                       \
+    for (long t = 0; t < ntiles; ++t) fwd_tile_##SUF##_##PAD(t, W, D, K, O, Ig, g, MNV, SV); \
+}                                                                                           \
+static void bwd_##SUF##_##NAME(const T* W, const T* D, const T* dK, T* dW, T* dD,           \
+                               long O, long Ig, long g, long MN, long S, int nth) {         \
+    long ntiles = g * ((Ig + CB_(T) - 1) / CB_(T)); (void)MN; (void)S;                      \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nth)")                       \
+    for (long t = 0; t < ntiles; ++t)                                                       \
+        bwd_tile_##SUF##_##PAD(t, W, D, dK, dW, dD, O, Ig, g, MNV, SV);                     \
+}
+
+#define DEFINE_ALL(T, SUF)                                                                  \
+DEFINE_TILES(T, SUF, 16)                                                                    \
+DEFINE_TILES(T, SUF, 32)                                                                    \
+DEFINE_DRIVER(T, SUF, 16, 9_9, 9, 9)                                                        \
+DEFINE_DRIVER(T, SUF, 16, 9_12, 9, 12)                                                      \
+DEFINE_DRIVER(T, SUF, 16, 9_16, 9, 16)                                                      \
+DEFINE_DRIVER(T, SUF, 16, gen16, MN, S)                                                     \
+DEFINE_DRIVER(T, SUF, 32, gen32, MN, S)                                                     \
+static void fwd_##SUF(const T* W, const T* D, T* K, long O, long Ig, long g, long MN, long S, int nth) { \
+    if (MN == 9 && S == 9) fwd_##SUF##_9_9(W, D, K, O, Ig, g, MN, S, nth);                 \
+    else if (MN == 9 && S == 12) fwd_##SUF##_9_12(W, D, K, O, Ig, g, MN, S, nth);          \
+    else if (MN == 9 && S == 16) fwd_##SUF##_9_16(W, D, K, O, Ig, g, MN, S, nth);          \
+    else if (MN <= 16 && S <= 16) fwd_##SUF##_gen16(W, D, K, O, Ig, g, MN, S, nth);        \
+    else fwd_##SUF##_gen32(W, D, K, O, Ig, g, MN, S, nth);                                 \
+}                                                                                           \
+static void bwd_##SUF(const T* W, const T* D, const T* dK, T* dW, T* dD, long O, long Ig, long g, long MN, long S, int nth) { \
+    if (MN == 9 && S == 9) bwd_##SUF##_9_9(W, D, dK, dW, dD, O, Ig, g, MN, S, nth);        \
+    else if (MN == 9 && S == 12) bwd_##SUF##_9_12(W, D, dK, dW, dD, O, Ig, g, MN, S, nth); \
+    else if (MN == 9 && S == 16) bwd_##SUF##_9_16(W, D, dK, dW, dD, O, Ig, g, MN, S, nth); \
+    else if (MN <= 16 && S <= 16) bwd_##SUF##_gen16(W, D, dK, dW, dD, O, Ig, g, MN, S, nth); \
+    else bwd_##SUF##_gen32(W, D, dK, dW, dD, O, Ig, g, MN, S, nth);                        \
+}
+
+DEFINE_ALL(float, f32)
+DEFINE_ALL(double, f64)
+
+/* returns 0 on success, -1 if unsupported (caller falls back to torch) */
+int doconv_fwd(int dtype, const void* W, const void* D, void* K,
+               long O, long Ig, long g, long MN, long S, int nth) {
+    if (MN > 32 || S > 32 || MN < 1 || S < 1 || g < 1 || O % g) return -1;
+    if (nth < 1) nth = 1;
+    if (dtype == 0) fwd_f32(W, D, K, O, Ig, g, MN, S, nth);
+    else if (dtype == 1) fwd_f64(W, D, K, O, Ig, g, MN, S, nth);
+    else return -1;
+    return 0;
+}
+int doconv_bwd(int dtype, const void* W, const void* D, const void* dK, void* dW, void* dD,
+               long O, long Ig, long g, long MN, long S, int nth) {
+    if (MN > 32 || S > 32 || MN < 1 || S < 1 || g < 1 || O % g) return -1;
+    if (nth < 1) nth = 1;
+    if (dtype == 0) bwd_f32(W, D, dK, dW, dD, O, Ig, g, MN, S, nth);
+    else if (dtype == 1) bwd_f64(W, D, dK, dW, dD, O, Ig, g, MN, S, nth);
+    else return -1;
+    return 0;
+}
+int doconv_abi_version(void) { return 7; }
