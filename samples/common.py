@@ -9,7 +9,9 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
-from samples.datasets import add_dataset_arguments
+import numpy as np
+
+from samples.datasets import Dataset, add_dataset_arguments, to_float32
 
 T = TypeVar("T")
 
@@ -89,3 +91,10 @@ class RunResult:
     @property
     def accuracy(self) -> float:
         return self.epoch_accuracy[-1]
+
+
+def split_arrays(data: Dataset, layout: str, limit: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test): float32 images in ``layout``, the first ``limit``."""
+    return (to_float32(data.x_train[:limit], layout), data.y_train[:limit],
+            to_float32(data.x_test[:limit], layout), data.y_test[:limit])

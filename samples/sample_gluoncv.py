@@ -25,8 +25,9 @@ from mxnet import autograd, gluon  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
 import doconv_mx  # noqa: E402
-from samples.common import RunResult, accuracy_table, progress, sample_parser  # noqa: E402
-from samples.datasets import Dataset, iterate_minibatches, load_dataset, to_float32  # noqa: E402
+from samples.common import (  # noqa: E402
+    RunResult, accuracy_table, progress, sample_parser, split_arrays)
+from samples.datasets import Dataset, iterate_minibatches, load_dataset  # noqa: E402
 
 BATCH_SIZE = 100
 LEARNING_RATE = 0.03
@@ -68,10 +69,7 @@ def versions() -> str:
 def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = False, *,
              limit: int | None = None) -> RunResult:
     """One seeded run: train, test after every epoch; DO-Conv: fuse, export, reload."""
-    x_train = to_float32(data.x_train[:limit], "NCHW")
-    y_train = data.y_train[:limit]
-    x_test = to_float32(data.x_test[:limit], "NCHW")
-    y_test = data.y_test[:limit]
+    x_train, y_train, x_test, y_test = split_arrays(data, "NCHW", limit)
     mx.random.seed(seed)
     np.random.seed(seed)
     net = build_net(conv)

@@ -24,8 +24,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import doconv_torch  # noqa: E402
-from samples.common import RunResult, accuracy_table, progress, sample_parser  # noqa: E402
-from samples.datasets import Dataset, iterate_minibatches, load_dataset, to_float32  # noqa: E402
+from samples.common import (  # noqa: E402
+    RunResult, accuracy_table, progress, sample_parser, split_arrays)
+from samples.datasets import Dataset, iterate_minibatches, load_dataset  # noqa: E402
 
 BATCH_SIZE = 32
 LEARNING_RATE = 0.01
@@ -82,10 +83,7 @@ def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = Fal
              limit: int | None = None, save_dir: Path | None = None) -> RunResult:
     """One seeded run: train, test after every epoch, and for DO-Conv fuse, save, reload."""
     torch.use_deterministic_algorithms(True)
-    x_train = to_float32(data.x_train[:limit], "NCHW")
-    y_train = data.y_train[:limit].astype(np.int64)
-    x_test = to_float32(data.x_test[:limit], "NCHW")
-    y_test = data.y_test[:limit].astype(np.int64)
+    x_train, y_train, x_test, y_test = split_arrays(data, "NCHW", limit)
     torch.manual_seed(seed)
     model = build_model(doconv_torch.DOConv2d if conv == "doconv" else nn.Conv2d)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)

@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
 import doconv_tf  # noqa: E402
-from samples.common import RunResult, accuracy_table, sample_parser  # noqa: E402
-from samples.datasets import Dataset, load_dataset, to_float32  # noqa: E402
+from samples.common import RunResult, accuracy_table, sample_parser, split_arrays  # noqa: E402
+from samples.datasets import Dataset, load_dataset  # noqa: E402
 
 BATCH_SIZE = 32
 
@@ -79,10 +79,7 @@ class _EpochAccuracy(keras.callbacks.Callback):
 def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = False, *,
              limit: int | None = None) -> RunResult:
     """One seeded run: fit, test after every epoch; DO-Conv: fuse, save .keras, reload."""
-    x_train = to_float32(data.x_train[:limit], "NHWC")
-    y_train = data.y_train[:limit]
-    x_test = to_float32(data.x_test[:limit], "NHWC")
-    y_test = data.y_test[:limit]
+    x_train, y_train, x_test, y_test = split_arrays(data, "NHWC", limit)
     deterministic(seed)
     model = make_model(conv)
     model.compile(optimizer=keras.optimizers.Adam(), loss="sparse_categorical_crossentropy",

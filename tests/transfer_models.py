@@ -191,6 +191,14 @@ def export(framework: str, directory: str) -> str:
     return path
 
 
+def export_and_check(framework: str, directory: str) -> list[str]:
+    """Export, then compare this framework's own predictions with the NumPy reference:
+    the failures (an empty list when it passes)."""
+    export(framework, directory)
+    _, failures, passed = crosscheck.compare_transfer(directory, [framework])
+    return failures if passed == 1 else failures + [f"{framework}: nothing compared"]
+
+
 def import_all(framework: str, directory: str, exporters: list[str]) -> list[str]:
     probe = crosscheck.transfer_data()["probe"]
     written = []
