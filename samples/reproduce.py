@@ -112,8 +112,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     stem = f"{args.framework}-{args.dataset}"
     command = "python samples/reproduce.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    where = Path(data.source).resolve()
+    root = Path(__file__).resolve().parents[1]
+    shown = where.relative_to(root) if where.is_relative_to(root) else where
     source = (f"{len(data.x_train)} training / {len(data.x_test)} test images from "
-              f"{data.source}" + (" (the committed MNIST subset)" if data.is_subset else ""))
+              f"{shown}" + (" (the committed MNIST subset)" if data.is_subset else ""))
     report = markdown_report(args.framework, args.dataset, source, results,
                              machine_description(), command, module.versions())
     (out / f"{stem}.md").write_text(report)
