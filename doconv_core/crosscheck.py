@@ -340,13 +340,23 @@ def compare_transfer(directory: str | os.PathLike, frameworks: Sequence[str]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", required=True, help="folder the framework envs wrote to")
-    parser.add_argument("--frameworks", default="torch,keras-tf,keras-jax,mx",
+    parser.add_argument("--frameworks", default="torch,keras-tf,mx",
                         help="comma-separated; each must have written <artifacts>/<name>.npz")
+    parser.add_argument("--optional", default="keras-jax",
+                        help="comma-separated; compared when their artifacts exist (a second "
+                             "backend of an adapter that --frameworks already covers)")
     parser.add_argument("--markdown", default=None, help="also write the summary table here")
     parser.add_argument("--transfer", action="store_true",
                         help="compare the transfer model's predictions instead")
     args = parser.parse_args(argv)
     frameworks = [f for f in args.frameworks.split(",") if f]
+    for name in (f for f in args.optional.split(",") if f and f not in frameworks):
+        marker = (transfer_paths(args.artifacts, name) if args.transfer
+                  else os.path.join(args.artifacts, f"{name}.npz"))
+        if os.path.exists(marker):
+            frameworks.append(name)
+        else:
+            print(f"{name}: no artifacts (optional, not compared)")
     if args.transfer:
         table, failures, passed = compare_transfer(args.artifacts, frameworks)
         print("Transfer model: maximum relative error of the probe predictions (unfused and "

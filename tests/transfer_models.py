@@ -2,6 +2,7 @@
 
     python tests/transfer_models.py export FRAMEWORK --artifacts DIR
     python tests/transfer_models.py import FRAMEWORK --artifacts DIR --from torch,keras-tf,...
+    python tests/transfer_models.py import-everywhere --artifacts DIR --envs .tox
 
 ``export`` trains the model (doconv_core.crosscheck.TRANSFER_LAYERS, ReLU between convs,
 global average pool) for a few SGD steps in FRAMEWORK, writes its parameters to the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -216,13 +218,40 @@ def import_all(framework: str, directory: str, exporters: list[str]) -> list[str
     return written
 
 
+# The tox env holding each framework; keras-jax is optional (a second Keras backend).
+ENVS = {"torch": "torch", "keras-tf": "tf", "keras-jax": "keras-jax", "mx": "mx"}
+OPTIONAL = ("keras-jax",)
+
+
+def import_everywhere(directory: str, envs: str) -> None:
+    """Run ``import`` in every framework's own env: the required ones must exist."""
+    present = [fw for fw, env in ENVS.items()
+               if os.path.exists(os.path.join(envs, env, "bin", "python"))]
+    missing = [fw for fw in ENVS if fw not in present and fw not in OPTIONAL]
+    if missing:
+        raise SystemExit(f"no tox env for {missing} under {envs}: run their envs first")
+    for framework in ENVS:
+        if framework not in present:
+            print(f"{framework}: no env (optional, skipped)")
+            continue
+        python = os.path.join(envs, ENVS[framework], "bin", "python")
+        subprocess.run([python, __file__, "import", framework, "--artifacts", directory,
+                        "--from", ",".join(present)], check=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=("export", "import"))
-    parser.add_argument("framework", choices=FRAMEWORKS)
+    parser.add_argument("action", choices=("export", "import", "import-everywhere"))
+    parser.add_argument("framework", nargs="?", choices=FRAMEWORKS)
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--from", dest="exporters", default=",".join(FRAMEWORKS))
+    parser.add_argument("--envs", default=".tox", help="where the tox envs are")
     args = parser.parse_args(argv)
+    if args.action == "import-everywhere":
+        import_everywhere(args.artifacts, args.envs)
+        return
+    if args.framework is None:
+        parser.error(f"{args.action} needs a framework")
     if args.action == "export":
         print(export(args.framework, args.artifacts))
     else:
