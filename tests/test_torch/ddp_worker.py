@@ -43,5 +43,8 @@ def run(rank: int, world_size: int, port: int, directory: str) -> None:
         part = slice(rank * per_rank, (rank + 1) * per_rank)
         train(ddp, data["x"][part], data["y"][part])
         torch.save(model.state_dict(), directory / f"rank{rank}.pt")
+        # Both ranks finish communicating before either tears gloo down: a rank that exits
+        # while the other still has gloo threads running can abort it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -234,3 +234,12 @@ def test_composition_is_one_batched_product_whatever_the_channel_count():
         counts.append(sorted(mode.ops))
     assert counts[0] == counts[1] == counts[2]
     assert counts[0].count("aten.bmm") == 1 and len(counts[0]) < 25, counts[0]
+
+
+def test_composed_kernel_is_contiguous():
+    # A non-contiguous weight makes F.conv2d copy or take a slow path on every call.
+    for groups, out_channels in ((1, 16), (4, 16), (8, 16)):
+        layer = DOConv2d(8, out_channels, 3, groups=groups, D_mul=11)
+        assert layer.weight.is_contiguous()
+        with torch.no_grad():
+            assert layer.weight.is_contiguous()
