@@ -30,21 +30,10 @@ from torch import nn  # noqa: E402
 
 import doconv_torch  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
-    Row, format_table, interleaved_times, machine_description, medians)
+    LAYERS, QUICK_LAYERS, Row, format_table, interleaved_times, machine_description, medians)
 from doconv_core import identity_d  # noqa: E402
 
 VARIANTS = ("native", "doconv", "einsum")
-# (name, in, out, kernel, stride, padding, groups, spatial)
-LAYERS = [
-    ("3x3 64ch 56x56", 64, 64, 3, 1, 1, 1, 56),
-    ("3x3 128ch 28x28", 128, 128, 3, 1, 1, 1, 28),
-    ("3x3 256ch 14x14", 256, 256, 3, 1, 1, 1, 14),
-    ("3x3 512ch 7x7", 512, 512, 3, 1, 1, 1, 7),
-    ("dw 3x3 128ch 28x28", 128, 128, 3, 1, 1, 128, 28),
-    ("1x1 256ch 14x14", 256, 256, 1, 1, 0, 1, 14),
-    ("seed 1->16ch 28x28", 1, 16, 3, 2, 1, 1, 28),
-]
-QUICK_LAYERS = [("3x3 8ch 8x8", 8, 8, 3, 1, 1, 1, 8), ("dw 3x3 8ch 8x8", 8, 8, 3, 1, 1, 8, 8)]
 
 
 class EinsumDOConv2d(nn.Module):

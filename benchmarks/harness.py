@@ -14,6 +14,20 @@ import time
 from typing import Callable, Mapping, Sequence
 
 
+# The issue's layer shapes, shared by every framework's benchmark:
+# (name, in, out, kernel, stride, padding, groups, spatial)
+LAYERS = [
+    ("3x3 64ch 56x56", 64, 64, 3, 1, 1, 1, 56),
+    ("3x3 128ch 28x28", 128, 128, 3, 1, 1, 1, 28),
+    ("3x3 256ch 14x14", 256, 256, 3, 1, 1, 1, 14),
+    ("3x3 512ch 7x7", 512, 512, 3, 1, 1, 1, 7),
+    ("dw 3x3 128ch 28x28", 128, 128, 3, 1, 1, 128, 28),
+    ("1x1 256ch 14x14", 256, 256, 1, 1, 0, 1, 14),
+    ("seed 1->16ch 28x28", 1, 16, 3, 2, 1, 1, 28),
+]
+QUICK_LAYERS = [("3x3 8ch 8x8", 8, 8, 3, 1, 1, 1, 8), ("dw 3x3 8ch 8x8", 8, 8, 3, 1, 1, 8, 8)]
+
+
 def interleaved_times(variants: Mapping[str, Callable[[], object]], *, repeats: int = 15,
                       warmup: int = 3, inner: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each variant: ``repeats`` samples, taken round-robin."""
