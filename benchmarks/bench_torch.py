@@ -30,7 +30,8 @@ from torch import nn  # noqa: E402
 
 import doconv_torch  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
-    LAYERS, QUICK_LAYERS, Row, format_table, interleaved_times, machine_description, medians)
+    LAYERS, QUICK_LAYERS, Row, format_table, interleaved_times, machine_description, medians,
+    paired_differences)
 from doconv_core import identity_d  # noqa: E402
 
 VARIANTS = ("native", "doconv", "einsum")
@@ -46,16 +47,19 @@ class EinsumDOConv2d(nn.Module):
         self.register_buffer("D_diag", None if not spec.has_D else torch.from_numpy(
             identity_d(spec.in_channels, spec.mn, spec.D_mul)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel(self) -> torch.Tensor:
         layer, spec = self.layer, self.layer.spec
         g, I_g, O_g = spec.groups, spec.in_per_group, spec.out_per_group
         if layer.D is None:
-            kernel = layer.W.reshape(spec.kernel_shape)
-        else:
-            Wg = layer.W.reshape(g, O_g, I_g, spec.D_mul)
-            Dg = (layer.D + self.D_diag).reshape(g, I_g, spec.mn, spec.D_mul)
-            kernel = torch.einsum("gois,gims->goim", Wg, Dg).reshape(spec.kernel_shape)
-        return F.conv2d(x, kernel, layer.bias, spec.stride, spec.padding, spec.dilation, g)
+            return layer.W.reshape(spec.kernel_shape)
+        Wg = layer.W.reshape(g, O_g, I_g, spec.D_mul)
+        Dg = (layer.D + self.D_diag).reshape(g, I_g, spec.mn, spec.D_mul)
+        return torch.einsum("gois,gims->goim", Wg, Dg).reshape(spec.kernel_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.layer.spec
+        return F.conv2d(x, self.kernel(), self.layer.bias, spec.stride, spec.padding,
+                        spec.dilation, spec.groups)
 
 
 def einsum_model(model: nn.Module) -> nn.Module:
@@ -85,6 +89,24 @@ def peak_training_bytes(step: Callable[[], object]) -> float:
     return float(peak)
 
 
+def compose_row(case: str, doconv: doconv_torch.DOConv2d, einsum: "EinsumDOConv2d",
+                repeats: int) -> Row:
+    """The composition alone, forward and backward: what each variant adds to a step."""
+    grad = torch.randn(doconv.spec.kernel_shape)
+
+    def doconv_compose():
+        doconv.zero_grad(set_to_none=True)
+        doconv._compose().backward(grad)
+
+    def einsum_compose():
+        doconv.zero_grad(set_to_none=True)
+        einsum.kernel().backward(grad)
+
+    samples = interleaved_times({"einsum": einsum_compose, "doconv": doconv_compose},
+                                repeats=repeats, inner=5)
+    return Row(case, "compose fwd+bwd", medians(samples), baseline="einsum")
+
+
 def layer_rows(batch: int, layers, repeats: int) -> list[Row]:
     rows = []
     for name, c_in, c_out, k, stride, padding, groups, size in layers:
@@ -103,7 +125,9 @@ def layer_rows(batch: int, layers, repeats: int) -> list[Row]:
 
         case = f"{name} b{batch}"
         samples = interleaved_times({v: train(m) for v, m in modules.items()}, repeats=repeats)
-        rows.append(Row(case, "train", medians(samples)))
+        rows.append(Row(case, "train", medians(samples), paired=paired_differences(samples)))
+        if doconv.D is not None:
+            rows.append(compose_row(case, doconv, modules["einsum"], repeats))
         rows.append(Row(case, "peak MiB", {v: peak_training_bytes(train(m))
                                            for v, m in modules.items()}, unit="MiB"))
         fused = doconv.fuse()
@@ -204,25 +228,89 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--markdown", default=None, help="also write the tables here")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--part", choices=("all", "layers", "network"), default="all",
+                        help="time only the layer shapes or only the network")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.quick:
         rows = layer_rows(2, QUICK_LAYERS, repeats=2) + network_rows(2, 32, 8, repeats=2)
     else:
         rows = []
-        for batch in (8, 32):
-            rows += layer_rows(batch, LAYERS, args.repeats)
-        rows += network_rows(16, 112, 64, args.repeats)
+        if args.part in ("all", "layers"):
+            for batch in (8, 32):
+                rows += layer_rows(batch, LAYERS, args.repeats)
+        if args.part in ("all", "network"):
+            rows += network_rows(16, 112, 64, args.repeats)
     machine = machine_description({"torch": torch.__version__,
                                    "threads": str(torch.get_num_threads())})
-    table = format_table(rows, VARIANTS)
+    table = format_table([r for r in rows if r.baseline == "native"], VARIANTS)
+    overhead = overhead_table(rows)
+    summary = target_summary(rows)
     print(table)
-    print(f"\nMachine: {machine}")
+    print(f"\n{overhead}")
+    print(f"\nMachine: {machine}\n\nAgainst the targets:\n\n{summary}")
     if args.markdown:
+        command = "python benchmarks/bench_torch.py " + " ".join(argv if argv is not None
+                                                                  else sys.argv[1:])
         Path(args.markdown).write_text(
-            f"Command: `python benchmarks/bench_torch.py{' --quick' if args.quick else ''}`\n\n"
-            f"Machine: {machine}\n\n{table}\n")
+            f"Command: `{command.strip()}`\n\nMachine: {machine}\n\n{table}\n\n"
+            f"{overhead}\n\nAgainst the targets:\n\n{summary}\n")
     return rows
+
+
+def target_summary(rows: Sequence[Row]) -> str:
+    """The issue's PyTorch targets against this run (markdown)."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def check(name: str, value: float, limit: float, text: str = "") -> None:
+        lines.append(f"| {name} | {text or f'{value:.3f}'} | {'yes' if value <= limit else 'no'} |")
+
+    for row in rows:
+        if row.case.startswith("ResNet"):
+            limit = {"train": 1.15, "eval": 1.02, "fused": 1.01}.get(row.measure)
+            if limit is not None:
+                check(f"{row.case} {row.measure} <= {limit}", row.ratio("doconv"), limit)
+    per_layer = [r for r in rows if r.measure == "train" and r.case.endswith("b32")
+                 and not r.case.startswith("seed")]
+    if per_layer:
+        worst = max(per_layer, key=lambda r: r.ratio("doconv"))
+        check("per layer, batch 32, train <= 1.20 (worst case)", worst.ratio("doconv"), 1.20,
+              f"{worst.ratio('doconv'):.3f} ({worst.case})")
+    for row in rows:  # 3x3 layers of 128 or more channels
+        if row.measure == "train" and row.paired and row.case.startswith("3x3") and \
+                int(row.case.split()[1].rstrip("ch")) >= 128:
+            d, e = row.paired["doconv"], row.paired["einsum"]
+            check(f"{row.case}: overhead <= half of einsum's", d / e if e > 0 else float("inf"),
+                  0.5, f"{d * 1e3:+.3f} vs {e * 1e3:+.3f} ms ({d / e:.2f})" if e > 0 else
+                  f"{d * 1e3:+.3f} vs {e * 1e3:+.3f} ms")
+    for row in rows:
+        if row.measure == "train" and row.case.startswith("seed"):
+            lines.append(f"| {row.case}: dispatch-bound, absolute overhead | "
+                         f"{row.paired['doconv'] * 1e6:+.0f} us per step | (reported) |")
+    return "\n".join(lines)
+
+
+def overhead_table(rows: Sequence[Row]) -> str:
+    """Per layer: the training-step overhead over native (median of same-round differences)
+    and the composition alone, DOConv2d's against the einsum composition's."""
+    compose = {r.case: r for r in rows if r.measure == "compose fwd+bwd"}
+    lines = ["| case | native train ms | doconv - native ms | einsum - native ms | "
+             "overhead doconv / einsum | compose fwd+bwd doconv ms | einsum ms | "
+             "doconv / einsum |", "|" + "---|" * 8]
+    for row in rows:
+        if row.measure != "train" or not row.paired or row.case.startswith("ResNet"):
+            continue
+        d, e = row.paired["doconv"], row.paired["einsum"]
+        cells = [row.case, f"{row.values['native'] * 1e3:.2f}", f"{d * 1e3:+.3f}",
+                 f"{e * 1e3:+.3f}", f"{d / e:.2f}" if e > 0 else "n/a"]
+        if row.case in compose:
+            c = compose[row.case].values
+            cells += [f"{c['doconv'] * 1e3:.3f}", f"{c['einsum'] * 1e3:.3f}",
+                      f"{c['doconv'] / c['einsum']:.2f}"]
+        else:
+            cells += ["", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

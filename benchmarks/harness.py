@@ -54,6 +54,9 @@ class Row:
     values: dict[str, float]  # variant -> median seconds (or bytes for memory)
     baseline: str = "native"
     unit: str = "ms"
+    # variant -> median over rounds of (variant - baseline) within the same round: the
+    # overhead itself, robust to drifts that medians taken separately would mix in.
+    paired: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def ratio(self, variant: str) -> float:
         return self.values[variant] / self.values[self.baseline]
@@ -61,6 +64,14 @@ class Row:
 
 def medians(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def paired_differences(samples: Mapping[str, Sequence[float]],
+                       baseline: str = "native") -> dict[str, float]:
+    """Per variant, the median of its per-round difference to the baseline (same round)."""
+    base = samples[baseline]
+    return {name: statistics.median(v - b for v, b in zip(values, base))
+            for name, values in samples.items() if name != baseline}
 
 
 def _fmt(value: float, unit: str) -> str:

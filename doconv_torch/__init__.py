@@ -9,6 +9,7 @@ Train with DO-Conv, then ``fuse`` back to plain nn.Conv2d for deployment::
 The math lives in ``doconv_core``; this package converts layouts and calls it.
 """
 
+from ._ckernel import backend as composition_backend
 from .layer import DOConv2d
 from .model import (
     LegacyLoadReport,
@@ -20,5 +21,5 @@ from .model import (
     load_legacy_state_dict,
 )
 
-__all__ = ["DOConv2d", "convert", "fuse", "doconv_layers", "export_params", "import_params",
+__all__ = ["DOConv2d", "composition_backend", "convert", "fuse", "doconv_layers", "export_params", "import_params",
            "load_legacy_state_dict", "LegacyLoadReport"]

@@ -26,3 +26,15 @@ def tiny_mnist(tmp_path_factory):
         write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return directory
+
+
+def pytest_addoption(parser):
+    parser.addoption("--doconv-ckernel", choices=("auto", "0", "1"), default=None,
+                     help="doconv_torch's CPU composition: C kernel required (1), einsum "
+                          "(0) or whichever builds (auto); sets DOCONV_CKERNEL for the run")
+
+
+def pytest_configure(config):
+    choice = config.getoption("--doconv-ckernel")
+    if choice is not None:
+        os.environ["DOCONV_CKERNEL"] = choice

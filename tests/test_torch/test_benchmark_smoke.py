@@ -15,7 +15,13 @@ def test_quick_benchmark_produces_every_row(tmp_path, capsys):
     train = next(r for r in rows if r.measure == "train")
     assert set(train.values) == {"native", "doconv", "einsum"}
     assert all(v > 0 for v in train.values.values())
-    assert "| case | measure | unit | native | doconv | doconv / native |" in markdown.read_text()
+    text = markdown.read_text()
+    assert "| case | measure | unit | native | doconv | doconv / native |" in text
+    compose = next(r for r in rows if r.measure == "compose fwd+bwd")
+    assert compose.baseline == "einsum" and all(v > 0 for v in compose.values.values())
+    assert set(train.paired) == {"doconv", "einsum"}
+    assert "| 3x3 8ch 8x8 b2 | " in text.split("overhead doconv / einsum")[1]
+    assert "| ResNet-18-style 32x32 b2 train <= 1.15 | " in text.split("Against the targets")[1]
 
 
 def test_einsum_variant_computes_the_same_function():

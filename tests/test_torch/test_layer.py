@@ -214,7 +214,7 @@ def test_bfloat16_parameters():
     assert params.W.dtype == np.float32  # NumPy has no bfloat16; widening is exact
 
 
-def test_composition_is_one_batched_product_whatever_the_channel_count():
+def test_composition_is_one_batched_product_whatever_the_channel_count(compose_backend):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -233,7 +233,9 @@ def test_composition_is_one_batched_product_whatever_the_channel_count():
             layer._compose()
         counts.append(sorted(mode.ops))
     assert counts[0] == counts[1] == counts[2]
-    assert counts[0].count("aten.bmm") == 1 and len(counts[0]) < 25, counts[0]
+    # einsum: one bmm; the C kernel: one call outside torch, only its output is allocated.
+    assert counts[0].count("aten.bmm") == (compose_backend == "einsum"), counts[0]
+    assert len(counts[0]) < 25, counts[0]
 
 
 def test_composed_kernel_is_contiguous():

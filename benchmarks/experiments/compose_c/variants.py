@@ -1,6 +1,20 @@
+"""The pure-torch candidates of the experiment (the C kernel is doconv_torch._ckernel)."""
 import torch
-import torch.nn.functional as F
-from doconv_compose import compose_einsum, _ComposeC, make_d_diag
+
+import doconv_core
+
+
+def make_d_diag(C_in, MN, S, dtype=torch.float32):
+    return torch.from_numpy(doconv_core.identity_d(C_in, MN, S)).to(dtype)
+
+
+def compose_einsum(W, D, D_diag, groups, M, N):
+    """The reference: one einsum, autograd backward."""
+    O, Ig, S = W.shape
+    Dg = (D + D_diag).reshape(groups, Ig, M * N, S)
+    return torch.einsum("gois,gims->goim", W.reshape(groups, O // groups, Ig, S), Dg).reshape(
+        O, Ig, M, N)
+
 
 class ComposeBmm(torch.autograd.Function):
     """pure torch: W stored (i,o,s)-strided [g==1 only], bmm per input channel, K returned as a permuted view."""

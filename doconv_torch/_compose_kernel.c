@@ -21,6 +21,12 @@
 #define VBYTES 16
 #endif
 
+/* output rows per block: a block's rows of W, K (dK, dW) for the tile's channels stay in L1/L2
+   while the tile's channels are visited one at a time with that channel's D' in registers */
+#ifndef OB
+#define OB 16
+#endif
+
 #define DEFINE_TILES(T, SUF, PAD)                                                           \
 typedef T vb_##SUF##_##PAD __attribute__((vector_size(VBYTES)));                            \
 typedef T ub_##SUF##_##PAD __attribute__((vector_size(VBYTES), aligned(sizeof(T)), may_alias)); \
@@ -31,6 +37,7 @@ fwd_tile_##SUF##_##PAD(long t, const T* restrict W, const T* restrict D, T* rest
     long Og = O / g, nIB = (Ig + CB - 1) / CB, nb = S / MN;                                 \
     V DT[CB][PAD][NV]; /* DT[j][s][m] = D'[c0+j][m][s] */                                   \
     long grp = t / nIB, i0 = (t % nIB) * CB, nc = Ig - i0 < CB ? Ig - i0 : CB;              \
+    long oend = (grp + 1) * Og;                                                             \
     for (long j = 0; j < nc; ++j) {                                                         \
         const T* Dc = D + (grp * Ig + i0 + j) * MN * S;                                     \
         for (long s = 0; s < S; ++s) {                                                      \
@@ -40,15 +47,20 @@ fwd_tile_##SUF##_##PAD(long t, const T* restrict W, const T* restrict D, T* rest
             memcpy(DT[j][s], v, sizeof(v));                                                 \
         }                                                                                   \
     }                                                                                       \
-    for (long o = grp * Og; o < (grp + 1) * Og; ++o) {                                      \
-        const T* restrict w = W + (o * Ig + i0) * S;                                        \
-        T* restrict k = K + (o * Ig + i0) * MN;                                             \
-        for (long j = 0; j < nc; ++j, w += S, k += MN) {                                    \
-            V acc[NV];                                                                      \
-            for (int v = 0; v < NV; ++v) acc[v] = (V){0};                                   \
-            for (long s = 0; s < S; ++s) { T ws = w[s];                                     \
-                for (int v = 0; v < NV; ++v) acc[v] += ws * DT[j][s][v]; }                  \
-            memcpy(k, acc, MN * sizeof(T));                                                 \
+    for (long ob = grp * Og; ob < oend; ob += OB) {                                         \
+        long oe = ob + OB < oend ? ob + OB : oend;                                          \
+        for (long j = 0; j < nc; ++j) {                                                     \
+            V d[PAD][NV]; /* this channel's D', held in registers for the block's rows */   \
+            for (long s = 0; s < S; ++s)                                                    \
+                for (int v = 0; v < NV; ++v) d[s][v] = DT[j][s][v];                         \
+            for (long o = ob; o < oe; ++o) {                                                \
+                const T* restrict w = W + (o * Ig + i0 + j) * S;                            \
+                V acc[NV];                                                                  \
+                for (int v = 0; v < NV; ++v) acc[v] = (V){0};                               \
+                for (long s = 0; s < S; ++s) { T ws = w[s];                                 \
+                    for (int v = 0; v < NV; ++v) acc[v] += ws * d[s][v]; }                  \
+                memcpy(K + (o * Ig + i0 + j) * MN, acc, MN * sizeof(T));                    \
+            }                                                                               \
         }                                                                                   \
     }                                                                                       \
 }                                                                                           \
@@ -61,6 +73,7 @@ bwd_tile_##SUF##_##PAD(long t, const T* restrict W, const T* restrict D,        
     V Dp[CB][PAD][NV], acc[CB][PAD][NV]; /* [j][m][s] */                                    \
     const T* Wend = W + O * Ig * S;                                                         \
     long grp = t / nIB, i0 = (t % nIB) * CB, nc = Ig - i0 < CB ? Ig - i0 : CB;              \
+    long oend = (grp + 1) * Og;                                                             \
     for (long j = 0; j < nc; ++j) {                                                         \
         const T* Dc = D + (grp * Ig + i0 + j) * MN * S;                                     \
         for (long m = 0; m < MN; ++m) {                                                     \
@@ -71,25 +84,33 @@ bwd_tile_##SUF##_##PAD(long t, const T* restrict W, const T* restrict D,        
             for (int q = 0; q < NV; ++q) acc[j][m][q] = (V){0};                             \
         }                                                                                   \
     }                                                                                       \
-    for (long o = grp * Og; o < (grp + 1) * Og; ++o) {                                      \
-        const T* restrict w = W + (o * Ig + i0) * S;                                        \
-        const T* restrict dk = dK + (o * Ig + i0) * MN;                                     \
-        T* restrict dw = dW + (o * Ig + i0) * S;                                            \
-        for (long j = 0; j < nc; ++j, w += S, dk += MN, dw += S) {                          \
-            V wv[NV], gw[NV];                                                               \
-            /* full-width unaligned loads (lanes >= S read the next row and are never      \
-               stored); the last rows of W take the exact-size copy instead */              \
-            if (w + PAD <= Wend) {                                                          \
-                for (int q = 0; q < NV; ++q) wv[q] = *(const ub_##SUF##_##PAD*)(w + q * VL); \
-            } else {                                                                        \
-                for (int q = 0; q < NV; ++q) wv[q] = (V){0};                                \
-                memcpy(wv, w, S * sizeof(T));                                               \
+    for (long ob = grp * Og; ob < oend; ob += OB) {                                         \
+        long oe = ob + OB < oend ? ob + OB : oend;                                          \
+        for (long j = 0; j < nc; ++j) {                                                     \
+            V dp[PAD][NV], a[PAD][NV]; /* D' and the dD accumulator, in registers */        \
+            for (long m = 0; m < MN; ++m)                                                   \
+                for (int q = 0; q < NV; ++q) { dp[m][q] = Dp[j][m][q]; a[m][q] = acc[j][m][q]; } \
+            for (long o = ob; o < oe; ++o) {                                                \
+                long row = o * Ig + i0 + j;                                                 \
+                const T* restrict w = W + row * S;                                          \
+                const T* restrict dk = dK + row * MN;                                       \
+                V wv[NV], gw[NV];                                                           \
+                /* full-width unaligned loads (lanes >= S read the next row and are never  \
+                   stored); the last rows of W take the exact-size copy instead */          \
+                if (w + PAD <= Wend) {                                                      \
+                    for (int q = 0; q < NV; ++q) wv[q] = *(const ub_##SUF##_##PAD*)(w + q * VL); \
+                } else {                                                                    \
+                    for (int q = 0; q < NV; ++q) wv[q] = (V){0};                            \
+                    memcpy(wv, w, S * sizeof(T));                                           \
+                }                                                                           \
+                for (int q = 0; q < NV; ++q) gw[q] = (V){0};                                \
+                for (long m = 0; m < MN; ++m) { T gm = dk[m];                               \
+                    for (int q = 0; q < NV; ++q) {                                          \
+                        gw[q] += gm * dp[m][q]; a[m][q] += gm * wv[q]; } }                  \
+                memcpy(dW + row * S, gw, S * sizeof(T));                                    \
             }                                                                               \
-            for (int q = 0; q < NV; ++q) gw[q] = (V){0};                                    \
-            for (long m = 0; m < MN; ++m) { T gm = dk[m];                                   \
-                for (int q = 0; q < NV; ++q) {                                              \
-                    gw[q] += gm * Dp[j][m][q]; acc[j][m][q] += gm * wv[q]; } }              \
-            memcpy(dw, gw, S * sizeof(T));                                                  \
+            for (long m = 0; m < MN; ++m)                                                   \
+                for (int q = 0; q < NV; ++q) acc[j][m][q] = a[m][q];                        \
         }                                                                                   \
     }                                                                                       \
     for (long j = 0; j < nc; ++j) {                                                         \
@@ -159,4 +180,4 @@ int doconv_bwd(int dtype, const void* W, const void* D, const void* dK, void* dW
     else return -1;
     return 0;
 }
-int doconv_abi_version(void) { return 7; }
+int doconv_abi_version(void) { return 8; }
