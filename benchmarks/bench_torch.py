@@ -16,7 +16,6 @@ profiler's allocation events).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -30,8 +29,8 @@ from torch import nn  # noqa: E402
 
 import doconv_torch  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
-    LAYERS, QUICK_LAYERS, Row, format_table, interleaved_times, machine_description, medians,
-    paired_differences)
+    Row, command_line, format_table, interleaved_times, machine_description, medians,
+    paired_differences, parse_arguments, publish, run_cases)
 from doconv_core import identity_d  # noqa: E402
 
 VARIANTS = ("native", "doconv", "einsum")
@@ -224,37 +223,16 @@ def network_rows(batch: int, size: int, width: int, repeats: int) -> list[Row]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--markdown", default=None, help="also write the tables here")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--part", choices=("all", "layers", "network"), default="all",
-                        help="time only the layer shapes or only the network")
-    args = parser.parse_args(argv)
+    args = parse_arguments(__doc__.split("\n\n")[0], argv)
     torch.manual_seed(0)
-    if args.quick:
-        rows = layer_rows(2, QUICK_LAYERS, repeats=2) + network_rows(2, 32, 8, repeats=2)
-    else:
-        rows = []
-        if args.part in ("all", "layers"):
-            for batch in (8, 32):
-                rows += layer_rows(batch, LAYERS, args.repeats)
-        if args.part in ("all", "network"):
-            rows += network_rows(16, 112, 64, args.repeats)
+    rows = run_cases(args, layer_rows, network_rows)
     machine = machine_description({"torch": torch.__version__,
                                    "threads": str(torch.get_num_threads())})
     table = format_table([r for r in rows if r.baseline == "native"], VARIANTS)
     overhead = overhead_table(rows)
     summary = target_summary(rows)
-    print(table)
-    print(f"\n{overhead}")
-    print(f"\nMachine: {machine}\n\nAgainst the targets:\n\n{summary}")
-    if args.markdown:
-        command = "python benchmarks/bench_torch.py " + " ".join(argv if argv is not None
-                                                                  else sys.argv[1:])
-        Path(args.markdown).write_text(
-            f"Command: `{command.strip()}`\n\nMachine: {machine}\n\n{table}\n\n"
-            f"{overhead}\n\nAgainst the targets:\n\n{summary}\n")
+    publish(command_line("benchmarks/bench_torch.py", argv), machine,
+            [table, overhead, f"Against the targets:\n\n{summary}"], args.markdown)
     return rows
 
 

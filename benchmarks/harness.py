@@ -6,10 +6,12 @@ the variants, so the ratio to the native conv is measured side by side in one ru
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -118,3 +120,45 @@ def machine_description(extra: Mapping[str, str] | None = None) -> str:
              f"Python {platform.python_version()}"]
     parts += [f"{name} {version}" for name, version in (extra or {}).items()]
     return "; ".join(parts)
+
+
+def parse_arguments(description: str,
+                    argv: Sequence[str] | None) -> argparse.Namespace:
+    """Every framework's benchmark command line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--markdown", default=None, help="also write the tables here")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--part", choices=("all", "layers", "network"), default="all",
+                        help="time only the layer shapes or only the network")
+    return parser.parse_args(argv)
+
+
+def run_cases(args: argparse.Namespace, layer_rows: Callable[..., list[Row]],
+              network_rows: Callable[..., list[Row]]) -> list[Row]:
+    """The issue's cases (LAYERS at batch 8 and 32, the network at 112x112 batch 16), or
+    tiny ones with --quick."""
+    if args.quick:
+        return layer_rows(2, QUICK_LAYERS, repeats=2) + network_rows(2, 32, 8, repeats=2)
+    rows: list[Row] = []
+    if args.part in ("all", "layers"):
+        for batch in (8, 32):
+            rows += layer_rows(batch, LAYERS, args.repeats)
+    if args.part in ("all", "network"):
+        rows += network_rows(16, 112, 64, args.repeats)
+    return rows
+
+
+def command_line(script: str, argv: Sequence[str] | None, prefix: str = "") -> str:
+    """The command that produced a table, for the markdown it writes."""
+    options = list(argv) if argv is not None else sys.argv[1:]
+    return " ".join([*([prefix] if prefix else []), "python", script, *options])
+
+
+def publish(command: str, machine: str, blocks: Sequence[str], markdown: str | None) -> None:
+    """Print the tables; with --markdown also write them, headed by command and machine."""
+    body = "\n\n".join(blocks)
+    print(f"{body}\n\nMachine: {machine}")
+    if markdown:
+        with open(markdown, "w") as handle:
+            handle.write(f"Command: `{command}`\n\nMachine: {machine}\n\n{body}\n")

@@ -1,0 +1,58 @@
+"""benchmarks/bench_keras.py runs end to end on tiny sizes, on this env's backend (timings
+are not checked), and its networks compare like with like."""
+
+import keras
+import numpy as np
+import pytest
+from kutils import BACKEND
+
+import doconv_tf
+from benchmarks import bench_keras
+
+# "eval eager" exists on JAX only, where an eager DOConv2D call reuses its composed kernel.
+MEASURES = ("train", "eval", "fused") + (("eval eager",) if BACKEND == "jax" else ())
+
+
+@pytest.mark.slow
+def test_quick_benchmark_produces_every_row(tmp_path, capsys):
+    markdown = tmp_path / "bench.md"
+    rows = bench_keras.main(["--quick", "--markdown", str(markdown)])
+    cases = ("3x3 8ch 8x8 b2", "dw 3x3 8ch 8x8 b2", "ResNet-18-style 32x32 b2")
+    assert sorted((r.case, r.measure) for r in rows) == sorted(
+        (case, measure) for case in cases for measure in MEASURES)
+    for row in rows:
+        assert set(row.values) == {"native", "doconv"}, row
+        assert all(value > 0 for value in row.values.values()), row
+    text = markdown.read_text()
+    assert "| case | measure | unit | native | doconv | doconv / native |" in text
+    assert f"backend {BACKEND}; " in text and f"jit_compile {bench_keras.JIT_COMPILE}" in text
+    assert "| ResNet-18-style training ratio <= 1.30 |" in text
+    assert "Against the targets" in capsys.readouterr().out
+
+
+def test_networks_compute_the_same_function():
+    """Every conv of the native network is a DOConv2D after convert and a Conv2D after fuse,
+    and all three predict the same: the timings compare equal functions."""
+    keras.utils.set_random_seed(0)
+    native = bench_keras.resnet18(32, width=8, classes=10)
+    doconv = doconv_tf.convert(native)
+    fused = doconv_tf.fuse(doconv)
+
+    def count(model, cls):
+        return sum(type(layer) is cls for layer in model.layers)
+
+    convs = count(native, keras.layers.Conv2D)
+    assert convs == 20  # stem, 16 in the blocks, 3 projection shortcuts
+    assert count(doconv, doconv_tf.DOConv2D) == convs
+    assert count(fused, keras.layers.Conv2D) == convs
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("float32")
+    expected = native.predict_on_batch(x)
+    for model in (doconv, fused):
+        np.testing.assert_allclose(model.predict_on_batch(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_depthwise_shape_is_timed_against_depthwise_conv2d():
+    # The Keras layer a depthwise conv is written with, which doconv_tf.convert replaces.
+    native = bench_keras._native_layer(8, 8, 3, 1, "same", 8)
+    assert type(native) is keras.layers.DepthwiseConv2D
+    assert type(bench_keras._native_layer(8, 16, 3, 1, "same", 2)) is keras.layers.Conv2D
