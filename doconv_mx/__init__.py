@@ -4,14 +4,15 @@ The math (shapes, c(o, i), D_diag, embedding, fusion) is specified once in ``doc
 this module converts Gluon's layouts at its edge and composes the kernel with Gluon ops.
 
 Caching: unhybridized inference (autograd not recording) reuses the composed kernel while W
-and D hold exactly the values it was composed from. MXNet 1.x exposes no version counter
-for NDArrays, so validity is checked by comparing W and D with a copy (one fused
-``contrib.allclose(rtol=0, atol=0)`` each): never stale, whatever updated them in place.
-Reusing the same kernel array also lets MKL-DNN keep its reordered weights, which is most
-of the saving (CPU, 512->512 3x3 on 7x7: ~5 ms cached vs ~20-30 ms recomposed, ~2 ms fused).
-A hybridized block runs one CachedOp graph in which the composition is a node; MXNet 1.x
-cannot hold a parameter-only subgraph constant, so there the kernel is recomposed per call.
-``fuse`` removes that cost for deployment.
+and D are the arrays it was composed from and no write to them has completed since. MXNet
+counts the writes to every NDArray in its engine variable; ``_versions`` reads that count
+(the C API has no call for it), so the check costs microseconds, keeps no copy of W or D and
+waits only for writes already pushed to W and D. Reusing the same kernel array also lets
+MKL-DNN keep its reordered weights, which is most of the saving. Where the count cannot be
+read (a build whose layout the probe does not recognise), W and D are compared exactly with
+copies instead. A hybridized block runs one CachedOp graph in which the composition is a
+node; MXNet 1.x cannot hold a parameter-only subgraph constant, so there the kernel is
+recomposed per call. ``fuse`` removes that cost for deployment.
 
 Deferred ``in_channels``: ``infer_shape`` completes W and D from the first input. Under a
 hybridized parent, Gluon infers shapes symbolically instead; batch_dot infers no input
@@ -32,6 +33,7 @@ from mxnet.gluon import nn
 
 import doconv_core
 from doconv_core import CheckpointError, ConvSpec, DOConvParams, LegacyImport
+from doconv_mx import _versions
 
 __all__ = ["DOConv2D", "convert", "fuse", "export_params", "import_params",
            "load_legacy_params"]
@@ -94,6 +96,11 @@ def _identity_block(F: Any, mn: int, D_mul: int, dtype: Any, ctx: Any = None) ->
     return F.reshape(block, shape=(1, mn, D_mul))
 
 
+def _reshape(F: Any, x: Any, shape: tuple) -> Any:
+    """Reshape; imperatively a view (the Reshape operator would copy the array)."""
+    return x.reshape(shape) if isinstance(x, mx.nd.NDArray) else F.reshape(x, shape=shape)
+
+
 class DOConv2D(nn.HybridBlock):
     """A DO-Conv layer with nn.Conv2D's arguments; ``D_mul`` (>= M*N, default M*N) added.
 
@@ -125,7 +132,8 @@ class DOConv2D(nn.HybridBlock):
                         "dilate": spec.dilation, "pad": spec.padding,
                         "num_filter": spec.out_channels, "num_group": spec.groups,
                         "no_bias": not spec.bias, "layout": layout}
-        self._cache: dict[Any, tuple] = {}
+        self._cache: dict[Any, tuple] = {}  # (ctx, dtype) -> (W, D, stamp, K); see _cached_kernel
+        self._identities: dict[Any, Any] = {}  # (ctx, dtype) -> D_diag block (imperative calls)
         I_g = in_channels // spec.groups
         with self.name_scope():
             self.W = self.params.get(
@@ -170,6 +178,7 @@ class DOConv2D(nn.HybridBlock):
 
     def cast(self, dtype: Any) -> None:
         self._cache = {}  # kernels composed in the old dtype are no longer needed
+        self._identities = {}
         super().cast(dtype)
 
     def _channel_axis(self) -> int:
@@ -191,21 +200,46 @@ class DOConv2D(nn.HybridBlock):
         self._complete(x.shape[self._channel_axis()])
 
     # -- forward -----------------------------------------------------------------
-    def _compose(self, F: Any, W: Any, D: Any, ctx: Any = None) -> Any:
-        """The OIHW kernel as one batched product, with Gluon ops."""
+    def _compose(self, F: Any, W: Any, D: Any, ctx: Any = None, *, owned: bool = False
+                 ) -> Any:
+        """The OIHW kernel as one batched product, with Gluon ops.
+
+        ``owned``: imperatively, return an array that owns its storage rather than a reshaped
+        view; MKL-DNN lays a conv's weights out once only for such arrays (a view costs that
+        re-layout on every call: 512->512 3x3, 7x7, b8: ~10.5 ms a call instead of ~7.5).
+        """
         s = self._spec
         (M, N), g, O_g, S, mn = s.kernel_size, s.groups, s.out_per_group, s.D_mul, s.mn
         if D is None:
-            kernel = F.expand_dims(W, axis=3)  # (C_out, C_in/g, 1) -> 1x1 OIHW
+            return F.expand_dims(W, axis=3)  # (C_out, C_in/g, 1) -> 1x1 OIHW
+        D_total = F.broadcast_add(D, self._identity(F, ctx))
+        # Batch b = group*(C_in/g) + i, which is c(o, i): (g*I_g, O_g, S) x (g*I_g, MN, S).
+        # Each layout change below is a full copy of W or K, so the common cases take fewer.
+        if g == 1:  # b = i: swap W's first two axes directly; the last swap writes OIHW
+            K = F.batch_dot(F.transpose(W, axes=(1, 0, 2)), D_total, transpose_b=True)
+            return F.transpose(_reshape(F, K, (0, 0, M, N)), axes=(1, 0, 2, 3))
+        if s.in_channels == g:  # C_in/g == 1 (depthwise): W is already (g, O_g, S)
+            K = F.batch_dot(_reshape(F, W, (g, O_g, S)), D_total, transpose_b=True)
         else:
-            D_total = F.broadcast_add(D, _identity_block(F, mn, S, self.W.dtype, ctx))
-            # Batch b = group*(C_in/g) + i, which is c(o, i): (g*I_g, O_g, S) x (g*I_g, MN, S).
-            W_batched = F.reshape(F.transpose(F.reshape(W, shape=(g, O_g, -1, S)),
-                                              axes=(0, 2, 1, 3)), shape=(-3, -2))
+            W_batched = _reshape(F, F.transpose(_reshape(F, W, (g, O_g, -1, S)),
+                                                axes=(0, 2, 1, 3)), (-3, -2))
             K = F.batch_dot(W_batched, D_total, transpose_b=True)  # (g*I_g, O_g, MN)
-            K = F.transpose(F.reshape(K, shape=(g, -1, O_g, mn)), axes=(0, 2, 1, 3))
-            kernel = F.reshape(K, shape=(s.out_channels, -1, M, N))
-        return kernel
+            K = F.transpose(_reshape(F, K, (g, -1, O_g, mn)), axes=(0, 2, 1, 3))
+        shape = (s.out_channels, -1, M, N)
+        return F.reshape(K, shape=shape) if owned else _reshape(F, K, shape)
+
+    def _identity(self, F: Any, ctx: Any) -> Any:
+        """D_diag's (1, MN, D_mul) block: graph ops in a symbol, one cached array imperatively."""
+        s = self._spec
+        if F is not mx.nd:
+            return _identity_block(F, s.mn, s.D_mul, self.W.dtype)
+        key = (ctx, np.dtype(self.W.dtype).name)
+        block = self._identities.get(key)
+        if block is None:  # saves three op dispatches per imperative call
+            with autograd.pause():  # a constant: never part of a recorded graph
+                block = _identity_block(F, s.mn, s.D_mul, self.W.dtype, ctx)
+            self._identities[key] = block
+        return block
 
     def _shape_ties(self, F: Any, x: Any, W: Any, D: Any) -> tuple[Any, Any]:
         """Let a hybridized parent's symbolic shape inference find C_in for W and D.
@@ -229,12 +263,28 @@ class DOConv2D(nn.HybridBlock):
             D = F.elemwise_add(D, zeros_D)
         return W, D
 
+    def clear_cache(self) -> None:
+        """Drop the cached inference kernel; needed only after writes that bypass MXNet's
+        engine (another framework writing W or D's memory through DLPack, raw pointers)."""
+        self._cache = {}
+
     def _cached_kernel(self, W: Any, D: Any) -> Any:
-        """Imperative inference: reuse K while W and D equal the values it came from."""
+        """Imperative inference: reuse K while W and D hold the values it came from."""
         key = (W.context, W.dtype)
         entry = self._cache.get(key)
-        if entry is not None:
-            W0, D0, K = entry
+        if _versions.available():
+            stamp = (_versions.version(W), None if D is None else _versions.version(D))
+            # Same arrays, no write completed since: the entry holds the arrays, so their
+            # engine variables stay theirs (no address reuse by a later array).
+            if (entry is not None and entry[0] is W and entry[1] is D and entry[2] == stamp
+                    and stamp[0] is not None and (D is None or stamp[1] is not None)):
+                return entry[3]
+            K = self._compose(mx.nd, W, D, W.context, owned=True)
+            self._drop_other_contexts()
+            self._cache[key] = (W, D, stamp, K)
+            return K
+        if entry is not None and entry[2] is None:  # an entry holding copies of W and D
+            W0, D0, _, K = entry
             if W0.shape == W.shape and (D is None) == (D0 is None) and (
                     D is None or D0.shape == D.shape):
                 # Exact equality (|a - b| <= 0; NaN never equal) as one fused op per array.
@@ -242,9 +292,16 @@ class DOConv2D(nn.HybridBlock):
                         for a, b in ((W, W0), (D, D0)) if a is not None]
                 if all(flag.asscalar() == 1 for flag in same):
                     return K
-        K = self._compose(mx.nd, W, D, W.context)
-        self._cache[key] = (W.copy(), None if D is None else D.copy(), K)
+        K = self._compose(mx.nd, W, D, W.context, owned=True)
+        self._drop_other_contexts()
+        self._cache[key] = (W.copy(), None if D is None else D.copy(), None, K)
         return K
+
+    def _drop_other_contexts(self) -> None:
+        """Forget kernels for contexts W no longer lives on (after reset_ctx)."""
+        live = set(self.W.list_ctx())
+        for key in [k for k in self._cache if k[0] not in live]:
+            del self._cache[key]
 
     def forward(self, x: Any, *args: Any) -> Any:
         # Check the channel count here: once hybridized, hybrid_forward only sees symbols.
@@ -420,8 +477,9 @@ def _selector(include: Include) -> Callable[[str, Any], bool]:
     return lambda name, block: name in names
 
 
-def _conv_spec(conv: nn.Conv2D, D_mul: int | None) -> tuple[ConvSpec, bool]:
-    """(spec, initialized) of an nn.Conv2D; D_mul applies to kernels larger than 1x1."""
+def _conv_spec(conv: nn.Conv2D, D_mul: int | None) -> ConvSpec:
+    """The spec of an nn.Conv2D (in_channels None until known); D_mul applies to kernels
+    larger than 1x1."""
     kw = conv._kwargs
     shape = conv.weight.shape
     if kw["layout"] not in LAYOUTS:
@@ -430,10 +488,18 @@ def _conv_spec(conv: nn.Conv2D, D_mul: int | None) -> tuple[ConvSpec, bool]:
     known = shape is not None and len(shape) == 4 and shape[1] > 0
     in_channels = shape[1] * kw["num_group"] if known else None
     mn = kw["kernel"][0] * kw["kernel"][1]
-    spec = ConvSpec(in_channels, kw["num_filter"], kw["kernel"], kw["stride"], kw["pad"],
+    return ConvSpec(in_channels, kw["num_filter"], kw["kernel"], kw["stride"], kw["pad"],
                     kw["dilate"], kw["num_group"], bias=not kw["no_bias"],
                     D_mul=D_mul if mn > 1 else None)
-    return spec, conv.weight._data is not None
+
+
+def _weight_state(conv: nn.Conv2D) -> str:
+    """'initialized' (has values), 'deferred' (initialize() ran, the shape waits for the first
+    input) or 'fresh' (initialize() not called)."""
+    weight = conv.weight
+    if weight._data is not None:
+        return "initialized"
+    return "deferred" if weight._deferred_init else "fresh"
 
 
 def convert(net: gluon.Block, *, D_mul: int | None = None, include: Include = None
@@ -441,9 +507,13 @@ def convert(net: gluon.Block, *, D_mul: int | None = None, include: Include = No
     """Replace every nn.Conv2D in ``net`` (in place) by a DOConv2D with the same function.
 
     Initialized convs are embedded exactly (D = 0, W holds the kernel); uninitialized ones
-    become fresh DOConv2D layers. ``D_mul`` (None: M*N per layer) applies to every kernel
-    larger than 1x1. ``include``: a callable (qualified name, conv) -> bool, or names.
-    Every layer is checked before anything changes. Returns ``net`` (a bare conv: the new layer).
+    become fresh DOConv2D layers. Convs that ``initialize()`` reached but whose shape waits for
+    the first input (``in_channels=0``, e.g. a model-zoo stem) become DOConv2D layers waiting
+    the same way: same contexts, W drawn at the first forward with the conv's weight
+    initializer (else the one given to ``initialize()``), the conv's bias kept. ``D_mul``
+    (None: M*N per layer) applies to every kernel larger than 1x1. ``include``: a callable
+    (qualified name, conv) -> bool, or names. Every layer is checked before anything changes.
+    Returns ``net`` (a bare conv: the new layer).
     """
     select = _selector(include)
     if D_mul is not None:
@@ -465,22 +535,36 @@ def convert(net: gluon.Block, *, D_mul: int | None = None, include: Include = No
 
 
 def _to_doconv(conv: nn.Conv2D, name: str, D_mul: int | None) -> DOConv2D:
-    spec, initialized = _conv_spec(conv, D_mul)
+    spec, state = _conv_spec(conv, D_mul), _weight_state(conv)
+    if state == "deferred" and spec.in_channels is not None:
+        # Shape known but values not materialised yet (set_data before any forward, say):
+        # materialise exactly what the conv would hold, then embed it.
+        conv.weight._finish_deferred_init()
+        state = "initialized"
     act = conv.act._act_type if conv.act is not None else None
     layer = DOConv2D(spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
                      spec.dilation, spec.groups, conv._kwargs["layout"], act, spec.bias,
                      conv.weight.init, conv.bias.init if conv.bias is not None else "zeros",
                      spec.in_channels or 0, D_mul=spec.D_mul, prefix=conv.prefix)
-    if initialized:
+    if state == "initialized":
         kernel = conv.weight.data().asnumpy()
         D, W = doconv_core.embed_kernel(kernel, groups=spec.groups, D_mul=spec.D_mul)
         bias = conv.bias.data().asnumpy() if conv.bias is not None else None
         layer.initialize(ctx=conv.weight.list_ctx())
         layer.cast(conv.weight.dtype)
         layer.set_params(DOConvParams(layer.spec, W, D, bias))
-        layer.W.grad_req = conv.weight.grad_req
-        if layer.D is not None:
-            layer.D.grad_req = conv.weight.grad_req
+    elif state == "deferred":
+        _, ctx, default_init, _ = conv.weight._deferred_init
+        # Without this the converted net's first forward fails: its new parameters were never
+        # initialized. W's initializer wraps conv.weight.init, else falls back to default_init.
+        layer.initialize(init=default_init, ctx=ctx)
+        layer.cast(conv.weight.dtype)
+        if conv.bias is not None and conv.bias._data is not None:
+            layer.bias.set_data(conv.bias.data())  # already drawn (its shape was known)
+    if state != "fresh":
+        for param in (layer.W, layer.D):
+            if param is not None:
+                param.grad_req = conv.weight.grad_req
     return layer
 
 
@@ -488,11 +572,14 @@ def fuse(net: gluon.Block) -> gluon.Block:
     """Replace every DOConv2D in ``net`` (in place) by its fused nn.Conv2D; returns ``net``."""
     if isinstance(net, DOConv2D):
         return net.fuse()
-    planned = [(parent, key, child) for parent, key, _, child in _walk(net)
+    planned = [(parent, key, name, child) for parent, key, name, child in _walk(net)
                if isinstance(child, DOConv2D)]
-    for _, _, child in planned:
-        child._require_initialized("fuse")
-    for parent, key, child in planned:
+    for _, _, name, child in planned:
+        try:
+            child._require_initialized("fuse")
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from None
+    for parent, key, _, child in planned:
         _replace(parent, key, child, child.fuse())
     _clear_caches(net)
     return net

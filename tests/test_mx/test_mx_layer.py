@@ -4,6 +4,10 @@ Tolerances: float64 outputs 1e-10 absolute; float32 1e-4 relative to the output 
 """
 
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -20,6 +24,7 @@ import doconv_mx
 from doconv_core.cases import property_cases
 from doconv_mx import DOConv2D
 
+ROOT = Path(__file__).resolve().parents[2]
 CASES = property_cases()
 SUPPORTED = [c for c in CASES if gluon_padding(c.spec) is not None]
 # Gluon's Convolution pads with zeros only and has no 'same' string: cases padding with
@@ -236,7 +241,18 @@ def test_export_imports_identical_and_saves_no_identity(tmp_path):
     np.testing.assert_array_equal(other(x).asnumpy(), expected)
 
 
-def test_inference_cache_is_reused_and_never_stale(monkeypatch):
+@pytest.fixture(params=["write counters", "value comparison"])
+def staleness_check(request, monkeypatch):
+    """Both ways the inference cache notices changes: MXNet's write counters (read through
+    doconv_mx._versions), and exact comparison with copies where those cannot be read."""
+    if request.param == "value comparison":
+        monkeypatch.setattr(doconv_mx._versions, "available", lambda: False)
+    else:
+        assert doconv_mx._versions.available(), doconv_mx._versions.reason
+    return request.param
+
+
+def test_inference_cache_is_reused_and_never_stale(monkeypatch, tmp_path, staleness_check):
     layer = DOConv2D(4, 3, in_channels=2, D_mul=10)
     layer.initialize(mx.init.Xavier())
     x = mx.nd.random.normal(shape=(1, 2, 6, 6))
@@ -244,30 +260,155 @@ def test_inference_cache_is_reused_and_never_stale(monkeypatch):
     original = DOConv2D._compose
     monkeypatch.setattr(DOConv2D, "_compose",
                         lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    first = layer(x).asnumpy()
+    previous = layer(x).asnumpy()
     layer(x)
     assert len(calls) == 1  # second inference reused the kernel
 
-    def reference():
-        p = layer.to_params()
-        return doconv_core.doconv2d(x.asnumpy(), p.D, p.W, p.bias, p.spec)
-
-    # In-place updates by any route invalidate it: set_data, slicing, a Trainer step.
-    layer.D.set_data(mx.nd.ones(layer.D.shape) * 0.1)
-    np.testing.assert_allclose(layer(x).asnumpy(), reference(), rtol=1e-5, atol=1e-5)
-    layer.W.data()[0, 0, 0] += 1.0
-    np.testing.assert_allclose(layer(x).asnumpy(), reference(), rtol=1e-5, atol=1e-5)
+    other = DOConv2D(4, 3, in_channels=2, D_mul=10)
+    other.initialize(mx.init.Normal(0.5))
+    other.D.set_data(mx.nd.random.normal(shape=other.D.shape))
+    other.save_parameters(str(tmp_path / "other.params"))
     trainer = gluon.Trainer(layer.collect_params(), "sgd", {"learning_rate": 0.5})
-    with autograd.record():
-        loss = layer(x).sum()
-    loss.backward()
-    trainer.step(1)
-    np.testing.assert_allclose(layer(x).asnumpy(), reference(), rtol=1e-5, atol=1e-5)
-    assert not np.allclose(layer(x).asnumpy(), first)
-    layer.cast("float64")
-    assert not layer._cache
-    x = x.astype("float64")
-    np.testing.assert_allclose(layer(x).asnumpy(), reference(), rtol=1e-12, atol=1e-12)
+    rng = np.random.default_rng(0)
+
+    def slice_add():
+        layer.W.data()[0, 0, 0] += 1.0
+
+    def numpy_assign():
+        layer.W.data()[:] = 0.3 * rng.standard_normal(layer.W.shape)
+
+    def op_out():
+        D = layer.D.data()
+        mx.nd.elemwise_add(D, D, out=D)
+
+    def pending():  # still queued when the layer is called: the check must wait for it
+        a = mx.nd.random.normal(shape=(384, 384))
+        D = layer.D.data()
+        mx.nd.broadcast_add(D, mx.nd.dot(a, a).mean().reshape((1, 1, 1)), out=D)
+
+    def train_step():
+        with autograd.record():
+            loss = layer(x).sum()
+        loss.backward()
+        trainer.step(1)
+
+    # In-place changes by every route, then the ones that replace the arrays (new values,
+    # same values on another context, same values in another dtype).
+    routes = [
+        ("set_data", lambda: layer.D.set_data(mx.nd.ones(layer.D.shape) * 0.1)),
+        ("slice assignment", slice_add), ("numpy assignment", numpy_assign),
+        ("op with out=", op_out), ("pending write", pending), ("Trainer step", train_step),
+        ("load_parameters", lambda: layer.load_parameters(str(tmp_path / "other.params"))),
+        ("initialize(force_reinit)",
+         lambda: layer.initialize(mx.init.Normal(0.3), force_reinit=True)),
+        ("reset_ctx", lambda: layer.collect_params().reset_ctx(mx.cpu(1))),
+        ("cast", lambda: layer.cast("float64")),
+    ]
+    for route, change in routes:
+        change()
+        if route == "reset_ctx":
+            x = x.as_in_context(mx.cpu(1))
+        if route == "cast":
+            assert not layer._cache
+            x = x.astype("float64")
+        composed = len(calls)
+        y = layer(x)
+        assert y.context == x.context and y.dtype == x.dtype, route
+        out = y.asnumpy()
+        p = layer.to_params()
+        expected = doconv_core.doconv2d(x.asnumpy(), p.D, p.W, p.bias, p.spec)
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5 * scale, err_msg=route)
+        if route not in ("reset_ctx", "cast"):  # those two keep the values
+            assert not np.allclose(out, previous), route  # the route changed the function
+        assert len(calls) == composed + 1, route
+        layer(x)
+        assert len(calls) == composed + 1, route  # and the new kernel is reused
+        assert [key[0] for key in layer._cache] == [x.context], route
+        previous = out
+
+
+def test_inference_cache_hit_reads_write_counters_only(monkeypatch):
+    """A cache hit neither recomposes, nor compares values, nor copies W or D: the cache
+    holds the parameters' own arrays and MXNet's count of writes to each."""
+    assert doconv_mx._versions.available(), doconv_mx._versions.reason
+    layer = DOConv2D(8, 3, padding=1, in_channels=8, D_mul=12)
+    layer.initialize(mx.init.Xavier())
+    x = mx.nd.random.normal(shape=(2, 8, 5, 5))
+    expected = layer(x).asnumpy()
+    W, D = layer.W.data(), layer.D.data()
+    ((_, (W_held, D_held, _, _)),) = layer._cache.items()
+    assert W_held is W and D_held is D  # no copies kept
+    calls = []
+    original = DOConv2D._compose
+    monkeypatch.setattr(DOConv2D, "_compose",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache check read values")
+
+    monkeypatch.setattr(mx.nd.contrib, "allclose", refuse)
+    monkeypatch.setattr(mx.nd.NDArray, "copy", refuse)
+    for _ in range(3):
+        np.testing.assert_array_equal(layer(x).asnumpy(), expected)
+    assert calls == []
+    D[0, 0, 0] = 0.5  # one write: one recomposition, then hits again
+    changed = layer(x).asnumpy()
+    layer(x)
+    assert calls == [1] and not np.array_equal(changed, expected)
+
+
+def test_write_counters_count_every_write_and_no_read():
+    versions = doconv_mx._versions
+    assert versions.available(), versions.reason
+    a, b = mx.nd.zeros((3, 4)), mx.nd.ones((3, 4))
+    count, other = versions.version(a), versions.version(b)
+    assert count[0] != other[0]  # one engine variable per array
+
+    def view_assign():
+        a[1][:] = 2.0
+
+    writes = [lambda: a.__iadd__(1), view_assign, lambda: a.reshape((12,)).__iadd__(1),
+              lambda: a.detach().__iadd__(1), lambda: a.__setitem__(slice(None), np.ones((3, 4))),
+              lambda: mx.nd.elemwise_add(b, b, out=a)]
+    for write in writes:
+        write()
+        now = versions.version(a)
+        assert now[0] == count[0] and now[1] > count[1]
+        count = now
+    (a * b).asnumpy()
+    a.asnumpy()
+    assert versions.version(a) == count and versions.version(b) == other  # reads: no change
+
+
+@pytest.mark.parametrize("name,delta", [("_HANDLE_BYTES", 8), ("_HANDLE_BYTES", -8),
+                                        ("_VECTOR_BYTES", -8), ("_SHARED_PTR_BYTES", -16)])
+def test_write_counter_probe_refuses_other_layouts(monkeypatch, name, delta):
+    """A build laid out differently is recognised as such (no crash, no wrong counter)."""
+    versions = doconv_mx._versions
+    monkeypatch.setattr(versions, name, getattr(versions, name) + delta)
+    offset, reason = versions._probe()
+    assert offset is None and reason
+
+
+def test_write_counters_under_naive_engine(tmp_path):
+    """MXNET_ENGINE_TYPE=NaiveEngine (synchronous, its own variable type) counts writes too."""
+    script = tmp_path / "naive.py"
+    script.write_text(
+        "import mxnet as mx, numpy as np\n"
+        "import doconv_mx\n"
+        "assert doconv_mx._versions.available(), doconv_mx._versions.reason\n"
+        "layer = doconv_mx.DOConv2D(4, 3, in_channels=2)\n"
+        "layer.initialize(mx.init.Xavier())\n"
+        "x = mx.nd.ones((1, 2, 5, 5))\n"
+        "first = layer(x).asnumpy()\n"
+        "layer.D.data()[:] = 0.5\n"
+        "assert not np.allclose(layer(x).asnumpy(), first)\n")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "MXNET_ENGINE_TYPE": "NaiveEngine", "PYTHONPATH": path}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_core_container_round_trip(tmp_path):

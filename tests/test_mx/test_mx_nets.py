@@ -87,6 +87,66 @@ def test_convert_include_and_errors():
         doconv_mx.fuse(unready)
 
 
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_convert_after_initialize_before_first_forward(hybridize):
+    """initialize() leaves convs with deferred in_channels (a model-zoo stem) undrawn until the
+    first forward; convert keeps them waiting the same way, so that forward works."""
+    net = get_model("resnet18_v1", pretrained=False)
+    contexts = [mx.cpu(0), mx.cpu(1)]
+    net.initialize(mx.init.Xavier(), ctx=contexts)
+    if hybridize:
+        net.hybridize()
+    stem, embedded = net.features[0], net.features[5][0].body[0]
+    assert stem.weight._data is None and embedded.weight._data is not None
+    kernel = embedded.weight.data().asnumpy()
+    doconv_mx.convert(net)
+    assert _count(net, nn.Conv2D) == 0
+    with pytest.raises(ValueError, match="layer 'features.0': fuse needs an initialized layer"):
+        doconv_mx.fuse(net)  # nothing drawn yet: refused, naming the layer
+    x = mx.nd.random.normal(shape=(4, 3, 32, 32))
+    assert net(x).shape == (4, 1000)
+    stem = net.features[0]
+    assert isinstance(stem, DOConv2D) and stem.spec.in_channels == 3
+    assert stem.W.list_ctx() == contexts and stem.W.shape == (64, 3, 49)
+    W = stem.W.data().asnumpy()
+    bound = np.sqrt(3 / ((3 * 49 + 64 * 49) / 2))  # Xavier's, as for the stem's own weight
+    assert 0.9 * bound < np.abs(W).max() <= bound and np.all(stem.D.data().asnumpy() == 0)
+    params = net.features[5][0].body[0].to_params()  # initialized convs: embedded exactly
+    np.testing.assert_array_equal(params.W[..., :9].reshape(kernel.shape), kernel)
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # (a plain sum has no gradient through BN)
+    parts = zip(gluon.utils.split_and_load(x, contexts),
+                gluon.utils.split_and_load(mx.nd.array([3, 7, 1, 0]), contexts))
+    with autograd.record():
+        losses = [loss_fn(net(a), b) for a, b in parts]
+    autograd.backward(losses)
+    trainer.step(4)
+    assert np.abs(stem.D.data().asnumpy()).max() > 0  # the new stem trains
+
+
+def test_convert_deferred_convs_keep_dtype_bias_grad_req_and_set_data():
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(4, 3, padding=1, bias_initializer=mx.init.Normal(1.0)),
+            nn.Conv2D(3, 3, padding=1), nn.Conv2D(2, 1))
+    net.initialize(mx.init.Xavier())
+    net.cast("float64")
+    bias = net[0].bias.data().asnumpy()
+    net[0].weight.grad_req = "null"
+    # A weight set before the first forward fixes the shape and the values: embedded exactly.
+    kernel = np.random.default_rng(0).standard_normal((3, 4, 3, 3))
+    net[1].weight.set_data(mx.nd.array(kernel, dtype="float64"))
+    doconv_mx.convert(net)
+    assert _count(net, DOConv2D) == 3
+    x = mx.nd.random.normal(shape=(2, 5, 6, 6), dtype="float64")
+    y = net(x)
+    assert y.dtype == np.float64 and y.shape == (2, 2, 6, 6)
+    assert [layer.spec.in_channels for layer in net] == [5, 4, 3]
+    np.testing.assert_array_equal(net[0].bias.data().asnumpy(), bias)
+    assert net[0].W.grad_req == net[0].D.grad_req == "null"
+    assert net[1].W.grad_req == "write"
+    np.testing.assert_array_equal(net[1].fuse().weight.data().asnumpy(), kernel)
+
+
 def _outputs(net, x):
     """(logits, features) in train mode: BatchNorm then normalises with batch statistics, so
     outputs stay O(1) (eval-mode outputs of a random-init mobilenet are ~1e-16) and do not
