@@ -123,8 +123,7 @@ def infer_eager(model: keras.layers.Layer, x: Any) -> Step:
 def _native_layer(c_in: int, c_out: int, k: int, stride: int, padding: str,
                   groups: int) -> keras.layers.Layer:
     if groups > 1 and groups == c_in == c_out:
-        # A Keras model's depthwise conv. (On TensorFlow a grouped Conv2D, which DOConv2D
-        # and its fused layer are, runs through XLA on CPU and is far slower.)
+        # A Keras model's depthwise conv; a depthwise DOConv2D runs (and fuses) as one too.
         return layers.DepthwiseConv2D(k, stride, padding)
     return layers.Conv2D(c_out, k, stride, padding, groups=groups)
 

@@ -2,8 +2,8 @@
 
 * ``DOConv2D``: Keras' Conv2D arguments plus keyword-only ``D_mul``; registered for
   ``.keras`` saving as ``doconv>DOConv2D``. ``layer.kernel`` is the composed HWIO kernel,
-  ``layer.fuse()`` a Conv2D, ``layer.to_params()`` / ``DOConv2D.from_params(...)`` the
-  core's container.
+  ``layer.fuse()`` a Conv2D (a DepthwiseConv2D for a depthwise layer),
+  ``layer.to_params()`` / ``DOConv2D.from_params(...)`` the core's container.
 * ``convert`` / ``fuse``: whole Sequential and Functional models.
 * ``to_params``, ``export_params`` / ``import_params``: whole models, keyed by layer name.
 * ``load_legacy_weights``: the original reference Keras layer's D and W ('kernel').

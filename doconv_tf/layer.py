@@ -35,10 +35,19 @@ TF variables change in place with no version counter, and an eager call with
 ``training=False`` may be recorded by a GradientTape (the fine-tuning idiom), so a cache
 could be stale or cut gradients. For inference without the composition use ``fuse``.
 
+Depthwise layers (groups == C_in > 1, filters = C_in * k, equal strides along height and
+width) run through ``ops.depthwise_conv`` with the composed kernel reshaped to
+DepthwiseConv2D's layout (M, N, C_in, k), and ``fuse`` returns a DepthwiseConv2D for them:
+Keras' TensorFlow backend runs a grouped conv through XLA on CPU (and, eagerly, compiles it
+anew on every call), about 100x slower than its native depthwise kernel, which in turn
+refuses unequal strides (those layers stay grouped convs). ``kernel`` stays the grouped HWIO
+kernel (M, N, 1, C_in * k).
+
 Known platform limits (TensorFlow backend, CPU): channels_first with float64 and groups=1
 fails in TensorFlow's Conv2D kernel, as a plain Conv2D does. Keras 3.15's TF ``ops.add``
 mistakes a channels_first bias for an NHWC one when the output width equals ``filters``;
-DOConv2D avoids it, but a plain (so also a fused) channels_first Conv2D is hit by it.
+DOConv2D avoids it, but a plain (so also a fused) channels_first Conv2D or DepthwiseConv2D is
+hit by it.
 """
 
 from __future__ import annotations
@@ -53,6 +62,11 @@ from keras import activations, constraints, initializers, ops, regularizers
 
 import doconv_core
 from doconv_core import ConvSpec, DOConvParams
+
+# DepthwiseConv2D's names for the kernel settings DOConv2D (and Conv2D) call kernel_*.
+_DEPTHWISE_KEYS = {"depthwise_initializer": "kernel_initializer",
+                   "depthwise_regularizer": "kernel_regularizer",
+                   "depthwise_constraint": "kernel_constraint"}
 
 # ConvSpec speaks the canonical names; a Keras user should read Keras' names.
 _NATIVE_NAMES = (("out_channels", "filters"), ("stride", "strides"),
@@ -91,6 +105,15 @@ def _keras_spec(filters: Any, kernel_size: Any, strides: Any, padding: Any, data
                          f"Keras' Conv2D, got strides={spec.stride} and "
                          f"dilation_rate={spec.dilation}")
     return spec, data_format
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A writable NumPy copy of a tensor or a Keras variable."""
+    if isinstance(value, keras.Variable):
+        # ops.convert_to_numpy(variable) calls np.array(variable), and Keras' (and TF's)
+        # variable __array__ takes no `copy` keyword: NumPy 2 warns. np.asarray passes none.
+        return np.array(np.asarray(value))
+    return np.array(keras.ops.convert_to_numpy(value))
 
 
 class _KernelCache:
@@ -239,6 +262,24 @@ class DOConv2D(keras.layers.Layer):
         cache.sources, cache.kernel = sources, kernel  # holding W, D keeps identity sound
         return kernel
 
+    def _depthwise_multiplier(self) -> int | None:
+        """k when this layer runs (and fuses) as a depthwise conv, else None: groups ==
+        C_in > 1, filters == C_in * k, equal strides along height and width."""
+        spec = self._spec
+        if spec.in_channels is None or spec.groups == 1 or spec.in_per_group != 1:
+            return None  # groups == C_in == 1 is an ordinary conv: it stays a Conv2D
+        if spec.stride[0] != spec.stride[1]:
+            # TensorFlow's depthwise kernel (so DepthwiseConv2D) refuses unequal strides.
+            return None
+        return spec.out_per_group
+
+    def _depthwise_kernel(self, kernel: Any) -> Any:
+        """The HWIO kernel (M, N, 1, C_in * k) in DepthwiseConv2D's layout (M, N, C_in, k)."""
+        # Grouped output o = c * k + q belongs to group (input channel) o // k = c, and a
+        # depthwise output c * k + q reads kernel[..., c, q]: a row-major reshape, no transpose.
+        M, N = self.kernel_size
+        return ops.reshape(kernel, (M, N, self._spec.in_channels, self._depthwise_multiplier()))
+
     @property
     def kernel(self) -> Any:
         """The composed kernel in Keras' HWIO layout (filter_h, filter_w, C_in/g, filters)."""
@@ -251,8 +292,15 @@ class DOConv2D(keras.layers.Layer):
         if keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = ops.cast(inputs, dtype)
         kernel = ops.cast(self._composed_kernel(), dtype)
-        outputs = ops.conv(inputs, kernel, strides=list(self.strides), padding=self.padding,
-                           dilation_rate=self.dilation_rate, data_format=self.data_format)
+        if self._depthwise_multiplier() is not None:
+            # See the module notes: TensorFlow's grouped conv is ~100x slower on CPU.
+            outputs = ops.depthwise_conv(
+                inputs, self._depthwise_kernel(kernel), strides=self.strides,
+                padding=self.padding, dilation_rate=self.dilation_rate,
+                data_format=self.data_format)
+        else:
+            outputs = ops.conv(inputs, kernel, strides=list(self.strides), padding=self.padding,
+                               dilation_rate=self.dilation_rate, data_format=self.data_format)
         if self.use_bias:
             bias = ops.cast(self.bias, dtype)
             if self.data_format == "channels_last":
@@ -320,9 +368,9 @@ class DOConv2D(keras.layers.Layer):
     def to_params(self) -> DOConvParams:
         """This layer's parameters in the core's canonical layout."""
         spec = self._require_built("to_params")
-        W = np.transpose(keras.ops.convert_to_numpy(self.W), (2, 1, 0))
-        D = None if self.D is None else keras.ops.convert_to_numpy(self.D)
-        bias = None if self.bias is None else keras.ops.convert_to_numpy(self.bias)
+        W = np.transpose(_to_numpy(self.W), (2, 1, 0))
+        D = None if self.D is None else _to_numpy(self.D)
+        bias = None if self.bias is None else _to_numpy(self.bias)
         return DOConvParams(spec, W, D, bias)
 
     def set_params(self, params: DOConvParams) -> None:
@@ -363,17 +411,35 @@ class DOConv2D(keras.layers.Layer):
         layer.set_params(params)
         return layer
 
-    def fuse(self) -> keras.layers.Conv2D:
-        """A built Conv2D computing this layer's function with the composed kernel."""
+    def _fused_config(self) -> tuple[type[keras.layers.Layer], dict]:
+        """The plain Keras layer class computing this (built) layer's function, and its
+        config: DepthwiseConv2D for a depthwise layer, Conv2D otherwise."""
         self._require_built("fuse")
         config = self.get_config()
         config.pop("D_mul")
-        conv = keras.layers.Conv2D.from_config(config)
+        multiplier = self._depthwise_multiplier()
+        if multiplier is None:
+            return keras.layers.Conv2D, config
+        del config["filters"], config["groups"]
+        config["depth_multiplier"] = multiplier
+        # kernel_* applied to W here; on the fused layer they apply to its (only) kernel.
+        config.update({new: config.pop(old) for new, old in _DEPTHWISE_KEYS.items()})
+        return keras.layers.DepthwiseConv2D, config
+
+    def _fused_weights(self) -> list[np.ndarray]:
+        """The weights of the layer ``_fused_config`` describes: composed kernel, bias."""
+        kernel = self._composed_kernel()
+        if self._depthwise_multiplier() is not None:
+            kernel = self._depthwise_kernel(kernel)
+        return [_to_numpy(kernel)] + ([_to_numpy(self.bias)] if self.use_bias else [])
+
+    def fuse(self) -> keras.layers.Conv2D | keras.layers.DepthwiseConv2D:
+        """A built Conv2D (a DepthwiseConv2D for a depthwise layer) computing this layer's
+        function with the composed kernel."""
+        cls, config = self._fused_config()
+        conv = cls.from_config(config)
         shape = (None, None, None, self._spec.in_channels) \
             if self.data_format == "channels_last" else (None, self._spec.in_channels, None, None)
         conv.build(shape)
-        weights = [keras.ops.convert_to_numpy(self.kernel)]
-        if self.use_bias:
-            weights.append(keras.ops.convert_to_numpy(self.bias))
-        conv.set_weights(weights)
+        conv.set_weights(self._fused_weights())
         return conv

@@ -1,10 +1,12 @@
-"""Whole-model tools: convert Conv2D/DepthwiseConv2D to DOConv2D, fuse back, export/import.
+"""Whole-model tools: convert Conv2D/DepthwiseConv2D to DOConv2D, fuse back to Conv2D/
+DepthwiseConv2D, export/import.
 
 ``convert`` and ``fuse`` work on Sequential and Functional models (nested ones included,
 through ``keras.models.clone_model(recursive=True)``); they return new models with copied
 weights and leave the given model untouched. Subclassed models have no layer graph Keras can
 rebuild: construct DOConv2D layers in them directly, and deploy each one through
-``layer.fuse()`` (a built Conv2D with the same function) or ``export_params``.
+``layer.fuse()`` (a built Conv2D or DepthwiseConv2D with the same function) or
+``export_params``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from keras.src.models.functional import Functional  # Keras 3 has no public alia
 import doconv_core
 from doconv_core import ConvSpec, DOConvParams, LegacyImport
 
-from .layer import DOConv2D
+from .layer import _DEPTHWISE_KEYS, DOConv2D, _to_numpy
 
 # Conv2D config keys DOConv2D takes as they are; LoRA settings are folded into the kernel.
 _SHARED_KEYS = ("name", "trainable", "dtype", "kernel_size", "strides", "padding",
@@ -28,9 +30,6 @@ _SHARED_KEYS = ("name", "trainable", "dtype", "kernel_size", "strides", "padding
                 "bias_regularizer", "activity_regularizer", "bias_constraint")
 _CONV_KEYS = _SHARED_KEYS + ("filters", "groups", "kernel_initializer", "kernel_regularizer",
                              "kernel_constraint")
-_DEPTHWISE_KEYS = {"depthwise_initializer": "kernel_initializer",
-                   "depthwise_regularizer": "kernel_regularizer",
-                   "depthwise_constraint": "kernel_constraint"}
 
 
 def _check_graph_model(model: Any, what: str) -> None:
@@ -53,7 +52,9 @@ def _clone(model: keras.Model, replace: Callable[[keras.layers.Layer], Any]
         replaced = replace(layer)
         if replaced is None:
             new = layer.__class__.from_config(layer.get_config())
-            replaced = (new, lambda old, new_layer: new_layer.set_weights(old.get_weights()))
+            # Not get_weights(): on JAX it reads variables the way NumPy 2 warns about.
+            replaced = (new, lambda old, new_layer: new_layer.set_weights(
+                [_to_numpy(w) for w in old.weights]))
         pending.append((layer, *replaced))
         return replaced[0]
 
@@ -61,10 +62,6 @@ def _clone(model: keras.Model, replace: Callable[[keras.layers.Layer], Any]
     for old, new, set_weights in pending:
         set_weights(old, new)
     return new_model
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def _conversion(layer: keras.layers.Layer, D_mul: int | None) -> tuple[dict, np.ndarray]:
@@ -119,28 +116,25 @@ def convert(model: keras.Model, *, D_mul: int | None = None,
 
 
 def fuse(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` with every DOConv2D replaced by a Conv2D with its composed kernel.
+    """A copy of ``model`` with every DOConv2D replaced by the plain layer ``layer.fuse()``
+    gives: a DepthwiseConv2D for a depthwise one (groups == C_in > 1, equal strides), a
+    Conv2D otherwise, holding the composed kernel.
 
-    On TensorFlow, a channels_first Conv2D whose output width equals its filters adds its
-    bias wrongly (a Keras 3.15 bug, see DOConv2D's module notes); fusing such a layer
-    inherits it.
+    On TensorFlow, a channels_first Conv2D or DepthwiseConv2D whose output width equals its
+    filters adds its bias wrongly (a Keras 3.15 bug, see DOConv2D's module notes); fusing
+    such a layer inherits it.
     """
     _check_graph_model(model, "fuse")
 
     def replace(layer: keras.layers.Layer):
         if not isinstance(layer, DOConv2D):
             return None
-        config = layer.get_config()
-        config.pop("D_mul")
-        new = keras.layers.Conv2D.from_config(config)
+        cls, config = layer._fused_config()
 
-        def set_weights(old: DOConv2D, new_layer: keras.layers.Conv2D) -> None:
-            weights = [_to_numpy(old.kernel)]
-            if old.use_bias:
-                weights.append(_to_numpy(old.bias))
-            new_layer.set_weights(weights)
+        def set_weights(old: DOConv2D, new_layer: keras.layers.Layer) -> None:
+            new_layer.set_weights(old._fused_weights())
 
-        return new, set_weights
+        return cls.from_config(config), set_weights
 
     return _clone(model, replace)
 

@@ -64,9 +64,9 @@ def test_convert_then_fuse_preserves_predictions(build, D_mul):
     converted = doconv_tf.convert(model, D_mul=D_mul)
     kinds = {type(layer) for layer in converted._flatten_layers()}
     assert keras.layers.Conv2D not in kinds and keras.layers.DepthwiseConv2D not in kinds
-    # The embedded kernel is exact; a DepthwiseConv2D now runs as a grouped conv, another
-    # kernel implementation, hence float32 rounding differences.
-    np.testing.assert_allclose(predict(converted, x), expected, rtol=1e-5, atol=1e-6)
+    # The embedded kernel is exact (composing it multiplies by 0 and 1 only), and each layer
+    # runs the op its original ran (a DepthwiseConv2D's included): the same predictions.
+    np.testing.assert_array_equal(predict(converted, x), expected)
     for layer in converted._flatten_layers():
         if isinstance(layer, DOConv2D):
             assert layer.D_mul == (1 if layer.spec.mn == 1 else D_mul or layer.spec.mn)
@@ -74,7 +74,9 @@ def test_convert_then_fuse_preserves_predictions(build, D_mul):
     changed = predict(converted, x)
     assert not np.allclose(changed, expected)
     fused = doconv_tf.fuse(converted)
-    assert not any(isinstance(layer, DOConv2D) for layer in fused._flatten_layers())
+    # Every layer is back to its original kind: DepthwiseConv2D stays DepthwiseConv2D.
+    assert [type(layer) for layer in fused._flatten_layers()] == \
+        [type(layer) for layer in model._flatten_layers()]
     np.testing.assert_array_equal(predict(fused, x), changed)
     assert fused.count_params() == model.count_params()
     np.testing.assert_array_equal(predict(model, x), expected)  # the original is untouched
@@ -144,6 +146,7 @@ def test_mobilenet_v2():
     perturb_D(converted, 0.01)
     changed = predict(converted, x)
     fused = doconv_tf.fuse(converted)
+    assert [type(layer) for layer in fused.layers] == [type(layer) for layer in model.layers]
     np.testing.assert_allclose(predict(fused, x), changed, rtol=1e-5, atol=1e-6)
     assert fused.count_params() == model.count_params()
 
@@ -162,6 +165,7 @@ def test_save_and_load_keras_file(tmp_path):
     fused = doconv_tf.fuse(model)
     fused.save(tmp_path / "f.keras")
     reloaded = keras.models.load_model(tmp_path / "f.keras")
+    assert type(reloaded.layers[1]) is keras.layers.DepthwiseConv2D
     np.testing.assert_array_equal(predict(reloaded, x), predict(model, x))
 
 
