@@ -1,8 +1,9 @@
 """PyTorch: DO-Conv against nn.Conv2d, per layer shape and for a ResNet-18-style network.
 
-    python benchmarks/bench_torch.py [--markdown docs/benchmarks-torch.md] [--quick]
+    python benchmarks/bench_torch.py [--markdown PATH] [--repeats N] [--part P] [--quick]
 
-Variants, timed interleaved (A B A B ...) in one process:
+Variants, each timed interleaved with native (native doconv native doconv ..., then
+native einsum ...; harness.pairwise_row says why pairs) in one process:
   native   nn.Conv2d
   doconv   doconv_torch.DOConv2d
   einsum   a straightforward DO-Conv: the kernel composed by one einsum on every call,
@@ -11,7 +12,9 @@ Measures: "train" (forward + backward with the input requiring grad, as inside a
 network; for the whole network also the optimizer step), "eval" (forward under
 no_grad in eval mode; DO-Conv unfused), "fused" (doconv.fuse()'s nn.Conv2d), and
 "peak MiB" (the largest amount of tensor memory a training step holds, from the
-profiler's allocation events).
+profiler's allocation events). A second table gives each layer's training overhead over
+native (median of same-round differences) and the composition alone, forward and
+backward, DOConv2d's against the einsum composition's.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import nn  # noqa: E402
 import doconv_torch  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     Row, command_line, format_table, interleaved_times, machine_description, medians,
-    paired_differences, parse_arguments, publish, run_cases)
+    pairwise_row, parse_arguments, publish, run_cases)
 from doconv_core import identity_d  # noqa: E402
 
 VARIANTS = ("native", "doconv", "einsum")
@@ -123,8 +126,8 @@ def layer_rows(batch: int, layers, repeats: int) -> list[Row]:
             return step
 
         case = f"{name} b{batch}"
-        samples = interleaved_times({v: train(m) for v, m in modules.items()}, repeats=repeats)
-        rows.append(Row(case, "train", medians(samples), paired=paired_differences(samples)))
+        rows.append(pairwise_row(case, "train", {v: train(m) for v, m in modules.items()},
+                                 repeats=repeats))
         if doconv.D is not None:
             rows.append(compose_row(case, doconv, modules["einsum"], repeats))
         rows.append(Row(case, "peak MiB", {v: peak_training_bytes(train(m))
@@ -140,12 +143,11 @@ def layer_rows(batch: int, layers, repeats: int) -> list[Row]:
                     module(x_eval)
             return run
 
-        samples = interleaved_times({"native": infer(native), "doconv": infer(doconv),
-                                     "einsum": infer(modules["einsum"])}, repeats=repeats)
-        rows.append(Row(case, "eval", medians(samples)))
-        samples = interleaved_times({"native": infer(native), "doconv": infer(fused)},
-                                    repeats=repeats)
-        rows.append(Row(case, "fused", medians(samples)))
+        rows.append(pairwise_row(case, "eval", {"native": infer(native), "doconv": infer(doconv),
+                                                "einsum": infer(modules["einsum"])},
+                                 repeats=repeats))
+        rows.append(pairwise_row(case, "fused", {"native": infer(native), "doconv": infer(fused)},
+                                 repeats=repeats))
     return rows
 
 
@@ -201,8 +203,8 @@ def network_rows(batch: int, size: int, width: int, repeats: int) -> list[Row]:
     for model in models.values():
         model.train()
     case = f"ResNet-18-style {size}x{size} b{batch}"
-    rows = [Row(case, "train", medians(interleaved_times(
-        {v: train(v) for v in models}, repeats=repeats, warmup=2)))]
+    rows = [pairwise_row(case, "train", {v: train(v) for v in models}, repeats=repeats,
+                         warmup=2)]
     rows.append(Row(case, "peak MiB", {v: peak_training_bytes(train(v)) for v in models},
                     unit="MiB"))
     fused = doconv_torch.fuse(doconv)
@@ -215,10 +217,10 @@ def network_rows(batch: int, size: int, width: int, repeats: int) -> list[Row]:
                 model(x)
         return run
 
-    rows.append(Row(case, "eval", medians(interleaved_times(
-        {v: infer(m) for v, m in models.items()}, repeats=repeats))))
-    rows.append(Row(case, "fused", medians(interleaved_times(
-        {"native": infer(native), "doconv": infer(fused)}, repeats=repeats))))
+    rows.append(pairwise_row(case, "eval", {v: infer(m) for v, m in models.items()},
+                             repeats=repeats))
+    rows.append(pairwise_row(case, "fused", {"native": infer(native), "doconv": infer(fused)},
+                             repeats=repeats))
     return rows
 
 

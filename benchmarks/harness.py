@@ -59,13 +59,37 @@ class Row:
     # variant -> median over rounds of (variant - baseline) within the same round: the
     # overhead itself, robust to drifts that medians taken separately would mix in.
     paired: dict[str, float] = dataclasses.field(default_factory=dict)
+    # variant -> the baseline's median in the variant's own A/B pair (see pairwise_row)
+    baselines: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def ratio(self, variant: str) -> float:
-        return self.values[variant] / self.values[self.baseline]
+        return self.values[variant] / self.baselines.get(variant, self.values[self.baseline])
 
 
 def medians(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def pairwise_row(case: str, measure: str, variants: Mapping[str, Callable[[], object]], *,
+                 baseline: str = "native", **timing) -> Row:
+    """Each variant interleaved with the baseline alone (A B A B ...), one pair after another.
+
+    Timing three variants round-robin lets one disturb another: a variant that allocates
+    heavily (the einsum composition at 512 channels holds 3.6x native's memory) changes the
+    allocator's state for the variant after it and moved that one's step time by several
+    milliseconds. Each ratio and overhead is therefore taken within its own pair.
+    """
+    row = Row(case, measure, {})
+    for name, fn in variants.items():
+        if name == baseline:
+            continue
+        samples = interleaved_times({baseline: variants[baseline], name: fn}, **timing)
+        pair = medians(samples)
+        row.values.setdefault(baseline, pair[baseline])
+        row.values[name] = pair[name]
+        row.baselines[name] = pair[baseline]
+        row.paired[name] = paired_differences(samples, baseline)[name]
+    return row
 
 
 def paired_differences(samples: Mapping[str, Sequence[float]],
