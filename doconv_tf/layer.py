@@ -235,7 +235,7 @@ class DOConv2D(keras.layers.Layer):
 
     # -- composition -----------------------------------------------------------
     def _compose(self, W: Any, D: Any) -> Any:
-        """The HWIO kernel from Keras-layout W and canonical D: one batched einsum."""
+        """The HWIO kernel from Keras-layout W and canonical D: one batched matmul."""
         spec = self._spec
         (M, N), g = spec.kernel_size, spec.groups
         if D is None:
@@ -244,8 +244,11 @@ class DOConv2D(keras.layers.Layer):
         D_total = ops.add(D, ops.convert_to_tensor(self._d_diag, dtype=dtype))
         Wg = ops.reshape(W, (spec.D_mul, spec.in_per_group, g, spec.out_per_group))
         Dg = ops.reshape(D_total, (g, spec.in_per_group, spec.mn, spec.D_mul))
-        # K[m, i, g, o] = sum_s D'[g*I_g + i, m, s] * W[s, i, g*O_g + o]: the core's formula.
-        K = ops.einsum("sigo,gims->migo", Wg, Dg)
+        # K[m, i, g, o] = sum_s D'[g*I_g + i, m, s] * W[s, i, g*O_g + o]: the core's formula,
+        # as a matmul batched over (g, i). Spelled with explicit transposes because
+        # TensorFlow's einsum took 1.5x as long (512 channels, forward and backward).
+        K = ops.matmul(Dg, ops.transpose(Wg, (2, 1, 0, 3)))  # (g, I_g, MN, O_g)
+        K = ops.transpose(K, (2, 1, 0, 3))  # (MN, I_g, g, O_g)
         return ops.reshape(K, (M, N, spec.in_per_group, spec.out_channels))
 
     def _composed_kernel(self) -> Any:
