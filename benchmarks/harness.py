@@ -7,6 +7,8 @@ the variants, so the ratio to the native conv is measured side by side in one ru
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import platform
@@ -28,6 +30,8 @@ LAYERS = [
     ("seed 1->16ch 28x28", 1, 16, 3, 2, 1, 1, 28),
 ]
 QUICK_LAYERS = [("3x3 8ch 8x8", 8, 8, 3, 1, 1, 1, 8), ("dw 3x3 8ch 8x8", 8, 8, 3, 1, 1, 8, 8)]
+
+_allocator = "system allocator"  # what keep_freed_memory() set, for machine_description
 
 
 def interleaved_times(variants: Mapping[str, Callable[[], object]], *, repeats: int = 15,
@@ -143,7 +147,35 @@ def machine_description(extra: Mapping[str, str] | None = None) -> str:
     parts = [f"{cpu}, {os.cpu_count()} logical cores", f"{platform.system()} {platform.machine()}",
              f"Python {platform.python_version()}"]
     parts += [f"{name} {version}" for name, version in (extra or {}).items()]
+    parts.append(_allocator)
     return "; ".join(parts)
+
+
+def keep_freed_memory() -> str:
+    """Tell glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    By default every allocation above its (adaptive) mmap threshold is fresh memory, so a
+    10 MB kernel or gradient costs thousands of page faults each step; how many depends on
+    what ran before, which moved a 13 ms step by up to 5 ms between runs. Allocators such as
+    jemalloc or tcmalloc, which PyTorch's CPU performance guide recommends, behave like this.
+    Returns a description for the machine line.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    global _allocator
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if mallopt is None:
+        _allocator = "system allocator (no glibc mallopt)"
+    elif mallopt(M_MMAP_THRESHOLD, 32 << 20) != 1 or mallopt(M_TRIM_THRESHOLD, 1 << 30) != 1:
+        _allocator = "system allocator (mallopt refused)"
+    else:
+        _allocator = "glibc malloc keeping freed memory (mallopt: mmap threshold 32 MiB, " \
+                     "trim threshold 1 GiB)"
+    return _allocator
 
 
 def parse_arguments(description: str,
@@ -161,7 +193,8 @@ def parse_arguments(description: str,
 def run_cases(args: argparse.Namespace, layer_rows: Callable[..., list[Row]],
               network_rows: Callable[..., list[Row]]) -> list[Row]:
     """The issue's cases (LAYERS at batch 8 and 32, the network at 112x112 batch 16), or
-    tiny ones with --quick."""
+    tiny ones with --quick; freed memory kept for reuse (keep_freed_memory) first."""
+    keep_freed_memory()
     if args.quick:
         return layer_rows(2, QUICK_LAYERS, repeats=2) + network_rows(2, 32, 8, repeats=2)
     rows: list[Row] = []

@@ -27,6 +27,21 @@
 #define OB 16
 #endif
 
+/* Cold caches (inside a training step the convolution has evicted W, K, dK, dW) make the
+   composition memory-bound, and a tile's row segments (CB*S elements every Ig*S) defeat the
+   hardware prefetchers: while a block's first channel is visited, prefetch the next block's
+   row segments. */
+#ifndef PREFETCH
+#define PREFETCH 1
+#endif
+#ifndef PFD
+#define PFD OB /* rows ahead: the next block's */
+#endif
+#define PREFETCH_SEGMENT(ptr, bytes, rw)                                                    \
+    do { if (PREFETCH) { const char* p_ = (const char*)(ptr);                               \
+        for (long b_ = 0; b_ < (long)(bytes); b_ += 64) __builtin_prefetch(p_ + b_, rw, 3); } \
+    } while (0)
+
 #define DEFINE_TILES(T, SUF, PAD)                                                           \
 typedef T vb_##SUF##_##PAD __attribute__((vector_size(VBYTES)));                            \
 typedef T ub_##SUF##_##PAD __attribute__((vector_size(VBYTES), aligned(sizeof(T)), may_alias)); \
@@ -54,6 +69,10 @@ fwd_tile_##SUF##_##PAD(long t, const T* restrict W, const T* restrict D, T* rest
             for (long s = 0; s < S; ++s)                                                    \
                 for (int v = 0; v < NV; ++v) d[s][v] = DT[j][s][v];                         \
             for (long o = ob; o < oe; ++o) {                                                \
+                if (j == 0 && o + PFD < oend) {                                              \
+                    PREFETCH_SEGMENT(W + ((o + PFD) * Ig + i0) * S, nc * S * sizeof(T), 0);   \
+                    PREFETCH_SEGMENT(K + ((o + PFD) * Ig + i0) * MN, nc * MN * sizeof(T), 1); \
+                }                                                                           \
                 const T* restrict w = W + (o * Ig + i0 + j) * S;                            \
                 V acc[NV];                                                                  \
                 for (int v = 0; v < NV; ++v) acc[v] = (V){0};                               \
@@ -92,6 +111,12 @@ bwd_tile_##SUF##_##PAD(long t, const T* restrict W, const T* restrict D,        
                 for (int q = 0; q < NV; ++q) { dp[m][q] = Dp[j][m][q]; a[m][q] = acc[j][m][q]; } \
             for (long o = ob; o < oe; ++o) {                                                \
                 long row = o * Ig + i0 + j;                                                 \
+                if (j == 0 && o + PFD < oend) {                                              \
+                    long next = (o + PFD) * Ig + i0;                                         \
+                    PREFETCH_SEGMENT(W + next * S, nc * S * sizeof(T), 0);                  \
+                    PREFETCH_SEGMENT(dK + next * MN, nc * MN * sizeof(T), 0);               \
+                    PREFETCH_SEGMENT(dW + next * S, nc * S * sizeof(T), 1);                 \
+                }                                                                           \
                 const T* restrict w = W + row * S;                                          \
                 const T* restrict dk = dK + row * MN;                                       \
                 V wv[NV], gw[NV];                                                           \
