@@ -109,6 +109,15 @@ def compose_row(case: str, doconv: doconv_torch.DOConv2d, einsum: "EinsumDOConv2
     return Row(case, "compose fwd+bwd", medians(samples), baseline="einsum")
 
 
+# The issue bounds the training overhead of 3x3 layers with 128 or more channels: under a
+# millisecond of a 13-50 ms step, so their train pairs get this many times the rounds.
+OVERHEAD_ROUNDS = 3
+
+
+def overhead_target(c_in: int, k: int, groups: int) -> bool:
+    return k == 3 and groups == 1 and c_in >= 128
+
+
 def layer_rows(batch: int, layers, repeats: int) -> list[Row]:
     rows = []
     for name, c_in, c_out, k, stride, padding, groups, size in layers:
@@ -126,8 +135,11 @@ def layer_rows(batch: int, layers, repeats: int) -> list[Row]:
             return step
 
         case = f"{name} b{batch}"
+        target = overhead_target(c_in, k, groups)
         rows.append(pairwise_row(case, "train", {v: train(m) for v, m in modules.items()},
-                                 repeats=repeats))
+                                 repeats=repeats * (OVERHEAD_ROUNDS if target else 1)))
+        if target:
+            rows[-1].tags.add("overhead target")
         if doconv.D is not None:
             rows.append(compose_row(case, doconv, modules["einsum"], repeats))
         rows.append(Row(case, "peak MiB", {v: peak_training_bytes(train(m))
@@ -257,8 +269,7 @@ def target_summary(rows: Sequence[Row]) -> str:
         check("per layer, batch 32, train <= 1.20 (worst case)", worst.ratio("doconv"), 1.20,
               f"{worst.ratio('doconv'):.3f} ({worst.case})")
     for row in rows:  # 3x3 layers of 128 or more channels
-        if row.measure == "train" and row.paired and row.case.startswith("3x3") and \
-                int(row.case.split()[1].rstrip("ch")) >= 128:
+        if row.measure == "train" and "overhead target" in row.tags:
             d, e = row.paired["doconv"], row.paired["einsum"]
             check(f"{row.case}: overhead <= half of einsum's", d / e if e > 0 else float("inf"),
                   0.5, f"{d * 1e3:+.3f} vs {e * 1e3:+.3f} ms ({d / e:.2f})" if e > 0 else

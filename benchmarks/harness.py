@@ -65,6 +65,7 @@ class Row:
     paired: dict[str, float] = dataclasses.field(default_factory=dict)
     # variant -> the baseline's median in the variant's own A/B pair (see pairwise_row)
     baselines: dict[str, float] = dataclasses.field(default_factory=dict)
+    tags: set[str] = dataclasses.field(default_factory=set)  # e.g. which targets apply
 
     def ratio(self, variant: str) -> float:
         return self.values[variant] / self.baselines.get(variant, self.values[self.baseline])
