@@ -42,8 +42,11 @@ import weakref
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
+
+import doconv_core
 
 __all__ = ["Backend", "backend", "compose", "fast_path_applies"]
 
@@ -220,11 +223,8 @@ def _is_identity(D_diag: Tensor, D_mul: int) -> bool:
     ref, checked = _identity_checked.get(id(D_diag), (None, None))
     if ref is not None and ref() is D_diag and checked == stamp:
         return True
-    mn = D_diag.shape[1]
-    copies = D_mul // mn
-    block = torch.zeros(mn, D_mul, dtype=D_diag.dtype)
-    block[:, :copies * mn] = torch.eye(mn, dtype=D_diag.dtype).repeat(1, copies)
-    if not torch.equal(D_diag, block.expand_as(D_diag)):
+    identity = doconv_core.identity_d(D_diag.shape[0], D_diag.shape[1], D_mul, np.float64)
+    if not torch.equal(D_diag, torch.from_numpy(identity).to(D_diag.dtype)):
         return False
     if stamp is None:
         return True
