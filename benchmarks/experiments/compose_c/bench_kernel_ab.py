@@ -9,8 +9,8 @@ Variants are the shipped source with extra `#define`s in front, e.g.
 `--variant pfd32="PFD 32"`; a revision is another source, e.g. the first integrated kernel
 (ABI 7): `--revision abi7=a0862a1:benchmarks/experiments/compose_c/doconv_kernel.c`.
 Every build must produce exactly the shipped build's K, dW and dD. "cold" writes 64 MB
-before each call (inside a training step the convolution evicts W, K, dK, dW); "hot" does
-not. --in-step times the shipped kernel's forward and backward inside a 128-channel 3x3
+before each call (inside a training step the convolution evicts W, K, dK, dW); "hot" times
+a call right after the same call. --in-step times the shipped kernel's forward and backward inside a 128-channel 3x3
 layer's training step (batch 8, 28x28), in a hot loop, and after a 64 MB write. Figures in
 this folder's README and in docs/benchmarks.md ("What we tried") come from this script.
 """
@@ -76,6 +76,8 @@ def ab(libraries: dict, rounds: int) -> None:
                     for kind, fn in (("fwd", fwd), ("bwd", bwd)):
                         if mode == "cold":
                             FLUSH.fill_(1)
+                        else:
+                            fn(lib)  # hot: the same call just before, untimed
                         start = time.perf_counter()
                         fn(lib)
                         times.setdefault((name, mode, kind), []).append(
