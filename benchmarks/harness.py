@@ -194,10 +194,11 @@ def parse_arguments(description: str,
 def run_cases(args: argparse.Namespace, layer_rows: Callable[..., list[Row]],
               network_rows: Callable[..., list[Row]]) -> list[Row]:
     """The issue's cases (LAYERS at batch 8 and 32, the network at 112x112 batch 16), or
-    tiny ones with --quick; freed memory kept for reuse (keep_freed_memory) first."""
-    keep_freed_memory()
+    tiny ones with --quick (the tests' smoke run: it leaves the process's allocator alone);
+    a full run first keeps freed memory for reuse (keep_freed_memory)."""
     if args.quick:
         return layer_rows(2, QUICK_LAYERS, repeats=2) + network_rows(2, 32, 8, repeats=2)
+    keep_freed_memory()
     rows: list[Row] = []
     if args.part in ("all", "layers"):
         for batch in (8, 32):

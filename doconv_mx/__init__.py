@@ -236,8 +236,9 @@ class DOConv2D(nn.HybridBlock):
         key = (ctx, np.dtype(self.W.dtype).name)
         block = self._identities.get(key)
         if block is None:  # saves three op dispatches per imperative call
-            with autograd.pause():  # a constant: never part of a recorded graph
-                block = _identity_block(F, s.mn, s.D_mul, self.W.dtype, ctx)
+            # The core's D_diag, one channel of it: a constant, never part of a recorded graph.
+            block = mx.nd.array(doconv_core.identity_d(1, s.mn, s.D_mul, np.float64),
+                                ctx=ctx, dtype=key[1])
             self._identities[key] = block
         return block
 
