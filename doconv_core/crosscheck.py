@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--artifacts", required=True, help="folder the framework envs wrote to")
     parser.add_argument("--frameworks", default="torch,keras-tf,mx",
                         help="comma-separated; each must have written <artifacts>/<name>.npz")
-    parser.add_argument("--optional", default="keras-jax",
+    parser.add_argument("--optional", default="keras-jax,keras-torch",
                         help="comma-separated; compared when their artifacts exist (a second "
                              "backend of an adapter that --frameworks already covers)")
     parser.add_argument("--markdown", default=None, help="also write the summary table here")

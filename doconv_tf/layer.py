@@ -43,8 +43,8 @@ anew on every call), about 100x slower than its native depthwise kernel, which i
 refuses unequal strides (those layers stay grouped convs). ``kernel`` stays the grouped HWIO
 kernel (M, N, 1, C_in * k).
 
-Known platform limits (TensorFlow backend, CPU): channels_first with float64 and groups=1
-fails in TensorFlow's Conv2D kernel, as a plain Conv2D does. Keras 3.15's TF ``ops.add``
+channels_first on TensorFlow's CPU runs the conv in NHWC between two transposes (see
+``_channels_last_at_edge``), decided once when the layer is built. Keras 3.15's TF ``ops.add``
 mistakes a channels_first bias for an NHWC one when the output width equals ``filters``;
 DOConv2D avoids it, but a plain (so also a fused) channels_first Conv2D or DepthwiseConv2D is
 hit by it.
@@ -52,6 +52,7 @@ hit by it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -109,11 +110,35 @@ def _keras_spec(filters: Any, kernel_size: Any, strides: Any, padding: Any, data
 
 def _to_numpy(value: Any) -> np.ndarray:
     """A writable NumPy copy of a tensor or a Keras variable."""
+    if keras.backend.backend() == "torch":
+        # Keras' torch convert_to_numpy calls np.array(tensor), and torch's __array__ takes
+        # no `copy` keyword: NumPy 2 warns. Tensor.numpy() reads the same values without it.
+        tensor = ops.convert_to_tensor(value).detach().cpu()
+        if keras.backend.standardize_dtype(tensor.dtype) != "bfloat16":  # no NumPy bfloat16
+            return tensor.numpy().copy()
     if isinstance(value, keras.Variable):
         # ops.convert_to_numpy(variable) calls np.array(variable), and Keras' (and TF's)
         # variable __array__ takes no `copy` keyword: NumPy 2 warns. np.asarray passes none.
         return np.array(np.asarray(value))
     return np.array(keras.ops.convert_to_numpy(value))
+
+
+@functools.cache
+def _has_gpu() -> bool:
+    """Whether the backend has a GPU to place convolutions on (asked once per process)."""
+    return bool(keras.distribution.list_devices("gpu"))
+
+
+def _channels_last_at_edge(data_format: str) -> bool:
+    """Whether a channels_first layer runs its conv in NHWC between two transposes.
+
+    TensorFlow's CPU Conv2D and depthwise kernels refuse NCHW unless oneDNN is on, and with
+    it on they still refuse float64; NHWC between transposes runs everywhere and was no
+    slower than oneDNN's own NCHW path (docs/portability.md). GPUs and the other backends
+    take NCHW natively.
+    """
+    return (data_format == "channels_first" and keras.backend.backend() == "tensorflow"
+            and not _has_gpu())
 
 
 class _KernelCache:
@@ -209,6 +234,8 @@ class DOConv2D(keras.layers.Layer):
         spec = self._spec.with_in_channels(int(channels))  # ValueError on bad groups
         self._spec = spec
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={self._channel_axis(): channels})
+        self._conv_format = "channels_last" if _channels_last_at_edge(self.data_format) \
+            else self.data_format
         self._d_diag = doconv_core.identity_d(spec.in_channels, spec.mn, spec.D_mul,
                                               np.float64) if spec.has_D else None
         self.W = self.add_weight(
@@ -247,7 +274,13 @@ class DOConv2D(keras.layers.Layer):
         # K[m, i, g, o] = sum_s D'[g*I_g + i, m, s] * W[s, i, g*O_g + o]: the core's formula,
         # as a matmul batched over (g, i). Spelled with explicit transposes because
         # TensorFlow's einsum took 1.5x as long (512 channels, forward and backward).
-        K = ops.matmul(Dg, ops.transpose(Wg, (2, 1, 0, 3)))  # (g, I_g, MN, O_g)
+        Wt = ops.transpose(Wg, (2, 1, 0, 3))  # (g, I_g, D_mul, O_g)
+        if keras.backend.backend() == "torch":
+            # Keras' torch ops.matmul computes float64 in float32 (its type promotion
+            # follows JAX's 32-bit default); einsum keeps the dtype.
+            K = ops.einsum("gims,giso->gimo", Dg, Wt)
+        else:
+            K = ops.matmul(Dg, Wt)  # (g, I_g, MN, O_g)
         K = ops.transpose(K, (2, 1, 0, 3))  # (MN, I_g, g, O_g)
         return ops.reshape(K, (M, N, spec.in_per_group, spec.out_channels))
 
@@ -295,23 +328,28 @@ class DOConv2D(keras.layers.Layer):
         if keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = ops.cast(inputs, dtype)
         kernel = ops.cast(self._composed_kernel(), dtype)
+        transposed = self._conv_format != self.data_format
+        if transposed:
+            inputs = ops.transpose(inputs, (0, 2, 3, 1))
         if self._depthwise_multiplier() is not None:
             # See the module notes: TensorFlow's grouped conv is ~100x slower on CPU.
             outputs = ops.depthwise_conv(
                 inputs, self._depthwise_kernel(kernel), strides=self.strides,
                 padding=self.padding, dilation_rate=self.dilation_rate,
-                data_format=self.data_format)
+                data_format=self._conv_format)
         else:
             outputs = ops.conv(inputs, kernel, strides=list(self.strides), padding=self.padding,
-                               dilation_rate=self.dilation_rate, data_format=self.data_format)
+                               dilation_rate=self.dilation_rate, data_format=self._conv_format)
         if self.use_bias:
             bias = ops.cast(self.bias, dtype)
-            if self.data_format == "channels_last":
+            if self._conv_format == "channels_last":
                 outputs = ops.add(outputs, ops.reshape(bias, (1, 1, 1, self.filters)))
             else:
                 # Bias first: Keras 3.15's TensorFlow ops.add(x, bias) takes a (1, C, 1, 1)
                 # bias for an NHWC one when x's width equals C (and adds it along the width).
                 outputs = ops.add(ops.reshape(bias, (1, self.filters, 1, 1)), outputs)
+        if transposed:
+            outputs = ops.transpose(outputs, (0, 3, 1, 2))
         if self.activation is not None:
             return self.activation(outputs)
         return outputs

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from doconv_core import crosscheck  # noqa: E402
 from doconv_core.crosscheck import TRANSFER_LAYERS  # noqa: E402
 
-FRAMEWORKS = ("torch", "keras-tf", "keras-jax", "mx")
+FRAMEWORKS = ("torch", "keras-tf", "keras-jax", "keras-torch", "mx")
 
 
 class TorchModel:
@@ -169,7 +169,7 @@ class MxModel:
 
 def make_model(framework: str):
     if framework.startswith("keras-"):
-        backend = {"keras-tf": "tensorflow", "keras-jax": "jax"}[framework]
+        backend = {"keras-tf": "tensorflow", "keras-jax": "jax", "keras-torch": "torch"}[framework]
         if os.environ.setdefault("KERAS_BACKEND", backend) != backend:
             raise SystemExit(f"{framework} needs KERAS_BACKEND={backend}, "
                              f"got {os.environ['KERAS_BACKEND']}")
@@ -218,9 +218,11 @@ def import_all(framework: str, directory: str, exporters: list[str]) -> list[str
     return written
 
 
-# The tox env holding each framework; keras-jax is optional (a second Keras backend).
-ENVS = {"torch": "torch", "keras-tf": "tf", "keras-jax": "keras-jax", "mx": "mx"}
-OPTIONAL = ("keras-jax",)
+# The tox env holding each framework; keras-jax and keras-torch are optional (the Keras
+# adapter's second and third backends).
+ENVS = {"torch": "torch", "keras-tf": "tf", "keras-jax": "keras-jax",
+        "keras-torch": "keras-torch", "mx": "mx"}
+OPTIONAL = ("keras-jax", "keras-torch")
 
 
 def import_everywhere(directory: str, envs: str) -> None:

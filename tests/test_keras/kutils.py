@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
+import pytest
 
 import keras
 
 BACKEND = keras.backend.backend()
-tf_only = __import__("pytest").mark.skipif(
+tf_only = pytest.mark.skipif(
     BACKEND != "tensorflow", reason="needs TensorFlow (tf.distribute); this run uses jax")
 
 
@@ -56,7 +58,72 @@ def gradients(layer: keras.layers.Layer, x: np.ndarray, grad_y: np.ndarray,
 
         grad_x, grad_values = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), values)
         grads = [grad_x, *grad_values]
+    elif BACKEND == "torch":
+        import torch
+
+        x_t = torch.tensor(x, requires_grad=True)
+        loss = torch.sum(layer(x_t, training=training) * torch.as_tensor(grad_y))
+        grads = torch.autograd.grad(loss, [x_t, *(v.value for v in variables)])
+        grads = [g.detach().cpu() for g in grads]
     else:
         raise NotImplementedError(BACKEND)
     names = ["x"] + [v.name for v in variables]
     return {name: np.asarray(g) for name, g in zip(names, grads)}
+
+
+_PROBES = {  # Keras' conv layers, by the TensorFlow kernel they run on
+    "conv": lambda dtype: keras.layers.Conv2D(2, 1, data_format="channels_first", dtype=dtype),
+    # Keras runs a grouped conv through XLA, whose CPU kernel takes NCHW.
+    "grouped": lambda dtype: keras.layers.Conv2D(2, 1, groups=2, data_format="channels_first",
+                                                 dtype=dtype),
+    "depthwise": lambda dtype: keras.layers.DepthwiseConv2D(1, data_format="channels_first",
+                                                            dtype=dtype),
+}
+
+
+def keras_layer_kind(spec) -> str:
+    """The kind of Keras layer a DOConv2D with this ConvSpec fuses into."""
+    if spec.groups == 1:
+        return "conv"
+    if spec.groups == spec.in_channels and spec.stride[0] == spec.stride[1]:
+        return "depthwise"
+    return "grouped"
+
+
+@functools.cache
+def keras_runs_channels_first(kind: str = "conv", dtype: str = "float32") -> bool:
+    """Whether Keras' own channels_first layer of this kind runs here in ``dtype``.
+
+    TensorFlow's CPU Conv2D and depthwise kernels refuse NCHW unless oneDNN is on
+    (TF_ENABLE_ONEDNN_OPTS; on by default only on CPUs with AVX-512 VNNI, AVX-VNNI or AMX), and
+    refuse float64 NCHW even then. DOConv2D transposes at its edge instead; a fused layer is
+    Keras' own and cannot.
+    """
+    if BACKEND != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    try:
+        _PROBES[kind](dtype)(np.zeros((1, 2, 1, 1), dtype))
+    except tf.errors.UnimplementedError:
+        return False
+    return True
+
+
+def expect_channels_first_refusal(request: pytest.FixtureRequest, data_format: str,
+                                  kind: str = "conv", dtype: str = "float32") -> bool:
+    """Where Keras' own channels_first layer of this kind cannot run, mark the calling test a
+    strict expected failure that only TensorFlow's NCHW refusal satisfies, and return True.
+
+    The test still runs everything before its first call of such a layer, so whatever doconv
+    computes itself is checked first; tests call the Keras layers last.
+    """
+    if data_format != "channels_first" or keras_runs_channels_first(kind, dtype):
+        return False
+    import tensorflow as tf
+
+    request.applymarker(pytest.mark.xfail(
+        strict=True, raises=tf.errors.UnimplementedError,
+        reason=f"TensorFlow's CPU kernel refuses NCHW {dtype} here (oneDNN off, or float64): "
+               f"Keras' own channels_first {kind} layer cannot run"))
+    return True

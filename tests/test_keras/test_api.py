@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 
 import numpy as np
@@ -13,7 +14,7 @@ import keras
 import doconv_core
 from doconv_core import CheckpointError, ConvSpec, DOConvParams
 from doconv_tf import DOConv2D, load_legacy_weights
-from kutils import BACKEND, gradients
+from kutils import BACKEND, expect_channels_first_refusal, gradients, keras_runs_channels_first
 
 RNG = np.random.default_rng(0)
 
@@ -42,7 +43,9 @@ PARITY = [p for p in PARITY if not (p[1] > 1 and p[4] > 1)][::9]
 @pytest.mark.parametrize("kernel_size,strides,padding,data_format,dilation,groups,act,bias",
                          PARITY)
 def test_parity_with_conv2d(kernel_size, strides, padding, data_format, dilation, groups, act,
-                            bias):
+                            bias, request):
+    # This test runs Keras' Conv2D first.
+    expect_channels_first_refusal(request, data_format, "grouped" if groups > 1 else "conv")
     kwargs = dict(kernel_size=kernel_size, strides=strides, padding=padding,
                   data_format=data_format, dilation_rate=dilation, groups=groups,
                   activation=act, use_bias=bias, bias_initializer="random_normal")
@@ -167,8 +170,14 @@ def test_bad_inputs_at_build_and_call():
     with pytest.raises(ValueError, match=re.escape(
             "the input's spatial size (2, 5) is too small for kernel_size (3, 3)")):
         DOConv2D(4, 3).compute_output_shape((1, 2, 5, 3))
-    with pytest.raises(AttributeError, match="build the layer before accessing `kernel`"):
+    # As Keras' Conv2D; on torch, nn.Module.__getattr__ replaces the property's message.
+    message = "has no attribute 'kernel'" if BACKEND == "torch" else \
+        "build the layer before accessing `kernel`"
+    with pytest.raises(AttributeError, match=message):
         DOConv2D(4, 3).kernel
+    if BACKEND == "torch":
+        with pytest.raises(AttributeError, match=message):
+            keras.layers.Conv2D(4, 3).kernel
     with pytest.raises(ValueError, match="to_params needs a built layer"):
         DOConv2D(4, 3).to_params()
 
@@ -299,11 +308,45 @@ def test_legacy_import_matches_the_original_mapping():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.bias), bias, rtol=1e-6)
 
 
-KERAS_BIAS_BUG = pytest.mark.xfail(
-    BACKEND == "tensorflow", strict=True,
-    reason="Keras 3.15 TF backend: ops.add(x, bias reshaped (1, C, 1, 1)) becomes an NHWC "
-           "BiasAdd when x's width equals C, so a channels_first Conv2D adds its bias along "
-           "the width; DOConv2D adds the bias first to avoid it, its fused Conv2D inherits it")
+def test_channels_first_native_kernels_run_where_expected():
+    # Which of Keras' own channels_first layers run here; tox's second tf run sets
+    # TF_ENABLE_ONEDNN_OPTS=0, and this proves that setting was in force.
+    if BACKEND != "tensorflow":
+        assert keras_runs_channels_first("conv") and keras_runs_channels_first("conv", "float64")
+        return
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if setting in ("0", "1"):
+        assert keras_runs_channels_first("conv") is (setting == "1")
+    assert keras_runs_channels_first("grouped")  # through XLA
+    assert not keras_runs_channels_first("conv", "float64")  # no CPU kernel, oneDNN or not
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_channels_first_runs_as_nhwc_between_transposes_on_tensorflow_cpu(dtype):
+    layer = DOConv2D(4, 3, padding="same", data_format="channels_first", dtype=dtype)
+    assert not hasattr(layer, "_conv_format")  # decided once, when built
+    layer.build((None, 3, 6, 5))
+    on_tensorflow_cpu = BACKEND == "tensorflow" and not keras.distribution.list_devices("gpu")
+    assert layer._conv_format == ("channels_last" if on_tensorflow_cpu else "channels_first")
+    # Its function is the reference's, in float64 too (TensorFlow has no NCHW float64 kernel).
+    x = RNG.standard_normal((2, 3, 6, 5))
+    params = layer.to_params()
+    expected = doconv_core.doconv2d(x, params.D, params.W, params.bias, params.spec)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x.astype(dtype))), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+KERAS_BIAS_BUG = ("Keras 3.15 TF backend: ops.add(x, bias reshaped (1, C, 1, 1)) becomes an "
+                  "NHWC BiasAdd when x's width equals C, so a channels_first Conv2D adds its "
+                  "bias along the width; DOConv2D avoids it, its fused Conv2D inherits it")
+
+
+def expect_keras_bias_bug(request, kind="conv", reason=KERAS_BIAS_BUG):
+    """A channels_first fused layer: TensorFlow refuses NCHW here, or runs it with the bug."""
+    if not expect_channels_first_refusal(request, "channels_first", kind) and \
+            BACKEND == "tensorflow":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError,
+                                              reason=reason))
 
 
 def _width_equals_filters():
@@ -323,8 +366,8 @@ def test_channels_first_bias_when_width_equals_filters():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected, atol=1e-5)
 
 
-@KERAS_BIAS_BUG
-def test_fused_conv2d_channels_first_bias_when_width_equals_filters():
+def test_fused_conv2d_channels_first_bias_when_width_equals_filters(request):
+    expect_keras_bias_bug(request)
     layer, x, expected = _width_equals_filters()
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.fuse()(x)), expected,
                                atol=1e-5)

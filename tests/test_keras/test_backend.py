@@ -7,14 +7,16 @@ import doconv_tf
 
 
 def test_keras_loaded_the_backend_tox_asked_for():
-    assert os.environ["KERAS_BACKEND"] in ("tensorflow", "jax")
+    assert os.environ["KERAS_BACKEND"] in ("tensorflow", "jax", "torch")
     assert keras.backend.backend() == os.environ["KERAS_BACKEND"]
 
 
 def test_layer_module_uses_keras_ops_only():
     # The layer must run on any backend: no TensorFlow or JAX calls in its source.
     source = open(doconv_tf.layer.__file__).read() + open(doconv_tf.models.__file__).read()
-    assert "tensorflow" not in source.replace("TensorFlow", "")
+    # (Naming the backend is fine: the TensorFlow CPU channels_first path is chosen by name.)
+    assert "tensorflow" not in source.replace("TensorFlow", "").replace(
+        'backend.backend() == "tensorflow"', "")
     assert not re.search(r"(?<![\w.])tf\.", source)
     # The one jax use: telling an eager array from a tracer, for the kernel cache.
     assert source.count("import jax") == 1

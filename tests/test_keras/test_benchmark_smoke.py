@@ -7,7 +7,12 @@ import pytest
 from kutils import BACKEND
 
 import doconv_tf
-from benchmarks import bench_keras
+
+if BACKEND == "torch":
+    pytest.skip("benchmarks/bench_keras.py measures the tensorflow and jax backends only",
+                allow_module_level=True)
+
+from benchmarks import bench_keras  # noqa: E402
 
 # "eval eager" exists on JAX only, where an eager DOConv2D call reuses its composed kernel.
 MEASURES = ("train", "eval", "fused") + (("eval eager",) if BACKEND == "jax" else ())

@@ -1,5 +1,5 @@
 """Keras' artifacts for the cross-framework suite (tox env ``cross`` compares them), written
-as ``keras-tf`` or ``keras-jax`` after the backend in use.
+as ``keras-tf``, ``keras-jax`` or ``keras-torch`` after the backend in use.
 
 Written to $DOCONV_ARTIFACTS (tox sets it) or, outside tox, to a temporary folder; either
 way this backend's results are checked against the NumPy reference here too.
@@ -16,7 +16,7 @@ from doconv_tf import DOConv2D
 from kutils import BACKEND, float64, gradients, to_keras, to_nchw
 from test_reference import keras_reason
 
-FRAMEWORK = {"tensorflow": "keras-tf", "jax": "keras-jax"}[BACKEND]
+FRAMEWORK = {"tensorflow": "keras-tf", "jax": "keras-jax", "torch": "keras-torch"}[BACKEND]
 
 
 def unsupported_reason(case, dtype):

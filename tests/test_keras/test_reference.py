@@ -13,7 +13,8 @@ import doconv_core
 from doconv_core import DOConvParams
 from doconv_core.cases import property_cases
 from doconv_tf import DOConv2D
-from kutils import BACKEND, float64, gradients, to_keras, to_nchw
+from kutils import (expect_channels_first_refusal, float64, gradients, keras_layer_kind,
+                    to_keras, to_nchw)
 
 
 def keras_reason(case) -> str | None:
@@ -71,7 +72,7 @@ def layer_for(case, arrays, data_format, dtype="float32"):
 
 @pytest.mark.parametrize("data_format", FORMATS)
 @pytest.mark.parametrize("case", SUPPORTED, ids=lambda c: c.name)
-def test_output_kernel_and_fused_match_reference(case, data_format):
+def test_output_kernel_and_fused_match_reference(case, data_format, request):
     arrays = case.arrays(np.float32)
     layer = layer_for(case, arrays, data_format)
     x = arrays["x"]
@@ -87,19 +88,20 @@ def test_output_kernel_and_fused_match_reference(case, data_format):
                                         kernel_size=case.spec.kernel_size)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel),
                                doconv_core.oihw_to_hwio(kernel), rtol=1e-6, atol=1e-6)
-    conv = layer.fuse()
-    depthwise = case.spec.groups == case.spec.in_channels > 1 and \
-        case.spec.stride[0] == case.spec.stride[1]
-    assert type(conv) is (keras.layers.DepthwiseConv2D if depthwise else keras.layers.Conv2D)
-    fused = to_nchw(keras.ops.convert_to_numpy(conv(to_keras(x, data_format))), data_format)
-    np.testing.assert_array_equal(fused, to_nchw(keras.ops.convert_to_numpy(
-        layer(to_keras(x, data_format))), data_format))
     # Exported parameters are the ones loaded, in the canonical layout.
     exported = layer.to_params()
     assert exported.spec == case.spec
     np.testing.assert_array_equal(exported.W, arrays["W"])
     if case.spec.has_D:
         np.testing.assert_array_equal(exported.D, arrays["D"])
+    conv = layer.fuse()
+    depthwise = case.spec.groups == case.spec.in_channels > 1 and \
+        case.spec.stride[0] == case.spec.stride[1]
+    assert type(conv) is (keras.layers.DepthwiseConv2D if depthwise else keras.layers.Conv2D)
+    # Last, Keras' own layer runs: the fused one.
+    expect_channels_first_refusal(request, data_format, keras_layer_kind(case.spec))
+    fused = to_nchw(keras.ops.convert_to_numpy(conv(to_keras(x, data_format))), data_format)
+    np.testing.assert_array_equal(fused, got)
 
 
 GRADIENT_CASES = SUPPORTED[::3]
@@ -109,10 +111,6 @@ GRADIENT_CASES = SUPPORTED[::3]
 @pytest.mark.parametrize("case", GRADIENT_CASES, ids=lambda c: c.name)
 def test_gradients_match_reference_float64(case, data_format):
     dtype, atol = "float64", 1e-10
-    if BACKEND == "tensorflow" and data_format == "channels_first" and case.spec.groups == 1:
-        # TensorFlow's CPU Conv2D has no NCHW float64 kernel (a plain keras Conv2D fails the
-        # same way; grouped convs go through XLA, which has one): check in float32 instead.
-        dtype, atol = "float32", 2e-4
     with float64():
         arrays = case.arrays(np.float64, seed=1)
         layer = layer_for(case, arrays, data_format, dtype=dtype)

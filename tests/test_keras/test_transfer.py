@@ -9,7 +9,8 @@ import transfer_models
 
 
 def test_transfer_model_exports_and_predicts_like_the_reference(tmp_path):
-    framework = {"tensorflow": "keras-tf", "jax": "keras-jax"}[keras.backend.backend()]
+    framework = {"tensorflow": "keras-tf", "jax": "keras-jax",
+                 "torch": "keras-torch"}[keras.backend.backend()]
     failures = transfer_models.export_and_check(
         framework, os.environ.get("DOCONV_ARTIFACTS") or str(tmp_path))
     assert not failures, "\n".join(failures)
