@@ -10,12 +10,12 @@ import argparse
 import ctypes
 import ctypes.util
 import dataclasses
-import os
-import platform
 import statistics
 import sys
 import time
 from typing import Callable, Mapping, Sequence
+
+from samples.machine import machine_description as describe_machine
 
 
 # The issue's layer shapes, shared by every framework's benchmark:
@@ -135,21 +135,8 @@ def format_table(rows: Sequence[Row], variants: Sequence[str]) -> str:
 
 
 def machine_description(extra: Mapping[str, str] | None = None) -> str:
-    """CPU model, core count, Python and library versions: the context every figure needs."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    parts = [f"{cpu}, {os.cpu_count()} logical cores", f"{platform.system()} {platform.machine()}",
-             f"Python {platform.python_version()}"]
-    parts += [f"{name} {version}" for name, version in (extra or {}).items()]
-    parts.append(_allocator)
-    return "; ".join(parts)
+    """samples.machine's description plus the allocator (see keep_freed_memory)."""
+    return f"{describe_machine(extra)}; {_allocator}"
 
 
 def keep_freed_memory() -> str:

@@ -4,8 +4,9 @@
 
 Writes ``<out>/<framework>-<dataset>.md`` (the seed's table, every DO-Conv run's fused
 accuracy, wall times, machine, command) and ``<out>/<framework>-<dataset>.png`` (test
-accuracy per epoch, mean and min-max band). Each sample module provides
-``run_once(conv, seed, epochs, dataset, quiet) -> RunResult`` and ``SEED_EPOCHS``.
+accuracy per epoch, mean and min-max band). Each sample module provides ``run_once``
+(samples.common.RunOnce), ``SEED_EPOCHS`` and ``versions()``; the loop over runs is the
+samples' own (samples.common.compare).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import machine_description  # noqa: E402
-from samples.common import RunResult, accuracy_table  # noqa: E402
+from samples.common import (  # noqa: E402
+    CONV_KINDS, ROW_NAMES, RunResult, compare, fused_summary, results_table)
 from samples.datasets import add_dataset_arguments, load_dataset  # noqa: E402
+from samples.machine import machine_description  # noqa: E402
 
 MODULES = {"torch": "samples.sample_pt", "tf": "samples.sample_tf", "mx": "samples.sample_gluoncv"}
-LABELS = {"conv": "Baseline", "doconv": "DO-Conv"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -45,18 +46,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def markdown_report(framework: str, dataset: str, source: str, results: dict[str, list[RunResult]],
                     machine: str, command: str, versions: str) -> str:
-    rows = {LABELS[conv]: [r.accuracy for r in runs] for conv, runs in results.items()}
-    lines = [f"### {framework}, {dataset}", "",
-             accuracy_table(rows, baseline="Baseline"), ""]
-    doconv = results.get("doconv", [])
-    if doconv:
-        fused = ", ".join(f"{r.fused_accuracy:.2f}" for r in doconv)
-        same = all(r.fused_accuracy == r.accuracy for r in doconv)
-        lines.append(f"Fused DO-Conv accuracy per run: {fused} "
-                     f"({'identical to' if same else 'DIFFERENT FROM'} the unfused accuracy).")
+    lines = [f"### {framework}, {dataset}", "", results_table(results), ""]
+    if results.get("doconv"):
+        lines.append(fused_summary(results["doconv"]))
     for conv, runs in results.items():
         seconds = sum(r.seconds for r in runs)
-        lines.append(f"Wall time, {LABELS[conv]}: {seconds:.0f} s for {len(runs)} runs "
+        lines.append(f"Wall time, {ROW_NAMES[conv]}: {seconds:.0f} s for {len(runs)} runs "
                      f"({seconds / len(runs):.1f} s per run).")
     lines += ["", f"Data: {source}.", f"Machine: {machine}; {versions}.", "",
               f"Command: `{command}`", ""]
@@ -78,7 +73,8 @@ def plot(path: Path, title: str, results: dict[str, list[RunResult]]) -> None:
     for conv, runs in results.items():
         curves = np.array([r.epoch_accuracy for r in runs])
         epochs = np.arange(1, curves.shape[1] + 1)
-        axes.plot(epochs, curves.mean(0), marker="o", label=f"{LABELS[conv]} (mean of {len(runs)})")
+        axes.plot(epochs, curves.mean(0), marker="o",
+                  label=f"{ROW_NAMES[conv]} (mean of {len(runs)})")
         axes.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.25)
     axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
@@ -97,16 +93,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data = load_dataset(args.dataset, args.data_dir, download=args.download,
                         verbose=not args.quiet)
     epochs = args.epochs or module.SEED_EPOCHS
-    results: dict[str, list[RunResult]] = {}
-    for conv in ("conv", "doconv"):
-        results[conv] = []
-        for k in range(args.runs):
-            result = module.run_once(conv, args.seed + k, epochs, data, args.quiet)
-            print(f"{LABELS[conv]} run {k + 1}: {result.accuracy:.2f}%"
-                  + ("" if result.fused_accuracy is None
-                     else f" (fused {result.fused_accuracy:.2f}%)")
-                  + f", {result.seconds:.1f} s", flush=True)
-            results[conv].append(result)
+    results = compare(lambda conv, seed: module.run_once(conv, seed, epochs, data, args.quiet),
+                      CONV_KINDS, range(args.seed, args.seed + args.runs),
+                      report=lambda line: print(line, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.framework}-{args.dataset}"

@@ -1,10 +1,12 @@
-"""The seed's Gluon MNIST demo (LeNet-like) with plain convolutions or DO-Conv.
+"""The seed's Gluon MNIST demo (LeNet-like, tanh): plain nn.Conv2D (the baseline) and DO-Conv
+trained side by side, then each DO-Conv net fused to plain nn.Conv2D layers.
 
-python samples/sample_gluoncv.py --conv {conv,doconv} [--runs N] [--epochs E]
+Each fused net is exported (symbol + params), reloaded with SymbolBlock.imports and tested
+again: its predictions must be identical.
 
-With --conv doconv each run also fuses the trained net into plain nn.Conv2D layers,
-exports it (symbol + params), reloads it with SymbolBlock.imports and evaluates it again:
-the accuracy printed for the reloaded plain net must equal the DO-Conv net's.
+    python samples/sample_gluoncv.py                   # 5 runs of 10 epochs each, as in the seed
+    python samples/sample_gluoncv.py --conv doconv --runs 1
+    python samples/sample_gluoncv.py --help            # the command line all samples share
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,11 +30,12 @@ from mxnet.gluon import nn  # noqa: E402
 
 import doconv_mx  # noqa: E402
 from samples.common import (  # noqa: E402
-    RunResult, accuracy_table, progress, sample_parser, split_arrays)
-from samples.datasets import Dataset, iterate_minibatches, load_dataset  # noqa: E402
+    Comparison, RunResult, epoch_label, exit_status, progress, run_sample, split_arrays)
+from samples.datasets import Dataset, iterate_minibatches  # noqa: E402
 
 BATCH_SIZE = 100
 LEARNING_RATE = 0.03
+SEED_EPOCHS = 10
 
 
 def build_net(conv: str) -> nn.HybridSequential:
@@ -57,9 +62,6 @@ def evaluate(net, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     return 100.0 * float(np.mean(predicted == y)), predicted
 
 
-SEED_EPOCHS = 10
-
-
 def versions() -> str:
     import gluoncv  # noqa: F401  (its presence is part of the environment)
 
@@ -67,8 +69,8 @@ def versions() -> str:
 
 
 def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = False, *,
-             limit: int | None = None) -> RunResult:
-    """One seeded run: train, test after every epoch; DO-Conv: fuse, export, reload."""
+             limit: int | None = None, save_dir: Path | None = None) -> RunResult:
+    """One seeded run: train, test after every epoch; DO-Conv: fuse, export, reload, test."""
     x_train, y_train, x_test, y_test = split_arrays(data, "NCHW", limit)
     mx.random.seed(seed)
     np.random.seed(seed)
@@ -83,7 +85,7 @@ def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = Fal
         start = time.perf_counter()
         batches = iterate_minibatches(x_train, y_train, BATCH_SIZE, shuffle=True,
                                       seed=seed * 1000 + epoch)
-        for xb, yb in progress(batches, steps, f"{conv} seed {seed} epoch {epoch + 1}/{epochs}",
+        for xb, yb in progress(batches, steps, epoch_label(conv, seed, epoch + 1, epochs),
                                enabled=not quiet):
             data_b, label_b = mx.nd.array(xb), mx.nd.array(yb)
             with autograd.record():
@@ -92,51 +94,31 @@ def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = Fal
             trainer.step(len(xb))
         mx.nd.waitall()
         seconds += time.perf_counter() - start
-        epoch_accuracy.append(evaluate(net, x_test, y_test)[0])
+        test_accuracy, predicted = evaluate(net, x_test, y_test)
+        epoch_accuracy.append(test_accuracy)
     fused_accuracy = fused_identical = None
     if conv == "doconv":
-        _, predicted = evaluate(net, x_test, y_test)
         doconv_mx.fuse(net)
         net.hybridize()
-        with tempfile.TemporaryDirectory() as tmp:
-            prefix = os.path.join(tmp, "fused")
+        with tempfile.TemporaryDirectory() as scratch:
+            directory = save_dir if save_dir is not None else Path(scratch)
+            directory.mkdir(parents=True, exist_ok=True)
+            prefix = str(directory / f"sample_gluoncv_fused_seed{seed}")
             net(mx.nd.array(x_test[:1]))  # builds the cached graph that export() writes
             net.export(prefix)
-            plain = gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"],
-                                              prefix + "-0000.params")
+            with warnings.catch_warnings():
+                # It cannot infer the input's type before the first call: harmless.
+                warnings.filterwarnings("ignore", message="Cannot decide type")
+                plain = gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"],
+                                                  prefix + "-0000.params")
         fused_accuracy, fused_predicted = evaluate(plain, x_test, y_test)
         fused_identical = bool(np.array_equal(fused_predicted, predicted))
     return RunResult(conv, seed, epoch_accuracy, fused_accuracy, seconds, fused_identical)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = sample_parser("MXNet Gluon MNIST demo with DO-Conv", epochs=SEED_EPOCHS)
-    args = parser.parse_args(argv)
-    ds = load_dataset(args.dataset, args.data_dir, download=args.download, verbose=not args.quiet)
-    runs = []
-    for run in range(args.runs):
-        result = run_once(args.conv, args.seed + run, args.epochs, ds, args.quiet,
-                          limit=args.limit)
-        runs.append(result)
-        line = f"run {run + 1}: {args.conv} accuracy {result.accuracy:.2f}%"
-        if result.fused_accuracy is not None:
-            verdict = "identical" if result.fused_identical else "DIFFERENT"
-            line += (f"; fused + exported + reloaded plain net {result.fused_accuracy:.2f}%"
-                     f" ({verdict} predictions)")
-        print(line)
-    accuracies = [r.accuracy for r in runs]
-    fused = [r.fused_accuracy for r in runs if r.fused_accuracy is not None]
-    name = "DO-Conv" if args.conv == "doconv" else "Baseline"
-    rows = {name: accuracies}
-    if fused:
-        rows["DO-Conv fused"] = fused
-    table = accuracy_table(rows, baseline=name if args.conv == "conv" else None)
-    print(table)
-    return {"conv": args.conv, "accuracies": accuracies, "fused_accuracies": fused,
-            "fused_identical": all(r.fused_identical for r in runs) if fused else None,
-            "runs": runs, "average": sum(accuracies) / len(accuracies), "table": table,
-            "dataset": ds.name, "subset": ds.is_subset}
+def main(argv: Sequence[str] | None = None) -> Comparison:
+    return run_sample(__doc__.split("\n\n")[0], run_once, SEED_EPOCHS, versions, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

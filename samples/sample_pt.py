@@ -1,11 +1,12 @@
-"""The seed's PyTorch demo: a 3-layer stride-2 CNN on MNIST, plain conv vs DO-Conv.
+"""The seed's PyTorch demo: its 3-layer stride-2 CNN on MNIST, plain nn.Conv2d (the
+baseline) and DO-Conv trained side by side, then each DO-Conv model fused to nn.Conv2d.
 
-After training with DO-Conv the model is fused to plain nn.Conv2d, its state_dict is
-saved, reloaded into the nn.Conv2d architecture, and its test accuracy is checked to be
-identical (the seed's sample_pt_with_fusion.py use case).
+Each fused model's state_dict is saved, reloaded into the nn.Conv2d architecture and
+tested again: its predictions must be identical (the seed's sample_pt_with_fusion.py).
 
-    python samples/sample_pt.py --conv conv      # baseline
-    python samples/sample_pt.py --conv doconv    # DO-Conv, then fuse, save, reload
+    python samples/sample_pt.py                        # 5 runs of 15 epochs each, as in the seed
+    python samples/sample_pt.py --conv doconv --runs 1
+    python samples/sample_pt.py --help                 # the command line all samples share
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -25,13 +26,13 @@ from torch import nn  # noqa: E402
 
 import doconv_torch  # noqa: E402
 from samples.common import (  # noqa: E402
-    RunResult, accuracy_table, progress, sample_parser, split_arrays)
-from samples.datasets import Dataset, iterate_minibatches, load_dataset  # noqa: E402
+    Comparison, RunResult, epoch_label, exit_status, progress, run_sample, split_arrays)
+from samples.datasets import Dataset, iterate_minibatches  # noqa: E402
 
 BATCH_SIZE = 32
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
-ROW_NAMES = {"conv": "Baseline", "doconv": "DO-Conv"}
+SEED_EPOCHS = 15
 
 
 def build_model(conv: type[nn.Module] = nn.Conv2d) -> nn.Sequential:
@@ -58,9 +59,6 @@ def predict(model: nn.Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarr
     return np.concatenate(labels)
 
 
-SEED_EPOCHS = 15
-
-
 def versions() -> str:
     return f"torch {torch.__version__}, numpy {np.__version__}"
 
@@ -81,8 +79,11 @@ def fuse_save_reload(model: nn.Module, directory: Path, name: str) -> nn.Module:
 
 def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = False, *,
              limit: int | None = None, save_dir: Path | None = None) -> RunResult:
-    """One seeded run: train, test after every epoch, and for DO-Conv fuse, save, reload."""
+    """One seeded run: train, test after every epoch; DO-Conv: fuse, save, reload, test."""
     torch.use_deterministic_algorithms(True)
+    # One thread: the seed's network is tiny, so a second one only waits, and on a busy
+    # machine it waits for a busy core (a run then took 10-50x longer on 2 cores).
+    torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = split_arrays(data, "NCHW", limit)
     torch.manual_seed(seed)
     model = build_model(doconv_torch.DOConv2d if conv == "doconv" else nn.Conv2d)
@@ -95,17 +96,17 @@ def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = Fal
         model.train()
         batches = iterate_minibatches(x_train, y_train, BATCH_SIZE, shuffle=True,
                                       seed=seed * 1000 + epoch)
-        for xb, yb in progress(batches, steps, f"{ROW_NAMES[conv]} seed {seed} epoch "
-                               f"{epoch + 1}/{epochs}", enabled=not quiet):
+        for xb, yb in progress(batches, steps, epoch_label(conv, seed, epoch + 1, epochs),
+                               enabled=not quiet):
             loss = F.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         seconds += time.perf_counter() - start
-        epoch_accuracy.append(accuracy(model, x_test, y_test)[0])
+        test_accuracy, predicted = accuracy(model, x_test, y_test)
+        epoch_accuracy.append(test_accuracy)
     fused_accuracy = fused_identical = None
     if conv == "doconv":
-        _, predicted = accuracy(model, x_test, y_test)
         with tempfile.TemporaryDirectory() as scratch:
             directory = save_dir if save_dir is not None else Path(scratch)
             directory.mkdir(parents=True, exist_ok=True)
@@ -115,41 +116,9 @@ def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = Fal
     return RunResult(conv, seed, epoch_accuracy, fused_accuracy, seconds, fused_identical)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = sample_parser(__doc__.splitlines()[0], epochs=SEED_EPOCHS, runs=5)
-    parser.add_argument("--save-dir", default=None,
-                        help="where the fused models go (default: a temporary directory)")
-    args = parser.parse_args(argv)
-    data = load_dataset(args.dataset, args.data_dir, download=args.download,
-                        verbose=not args.quiet)
-    row = ROW_NAMES[args.conv]
-    runs = []
-    for run in range(args.runs):
-        result = run_once(args.conv, args.seed + run, args.epochs, data, args.quiet,
-                          limit=args.limit,
-                          save_dir=Path(args.save_dir) if args.save_dir else None)
-        runs.append(result)
-        print(f"{row} run {run + 1}: test accuracy {result.accuracy:.2f}%", flush=True)
-        if result.fused_accuracy is not None:
-            print(f"  fused to nn.Conv2d, saved, reloaded: test accuracy "
-                  f"{result.fused_accuracy:.2f}% "
-                  f"({'identical' if result.fused_identical else 'DIFFERENT'} predictions)",
-                  flush=True)
-    accuracies = [r.accuracy for r in runs]
-    table = accuracy_table({row: accuracies}, baseline=ROW_NAMES["conv"])
-    subset = " (committed MNIST subset)" if getattr(data, "is_subset", False) else ""
-    print(f"\nTest accuracy (%) on {args.dataset}{subset}, {args.epochs} epoch(s) per run:")
-    print(table)
-    outcome: dict[str, Any] = {"conv": args.conv, "accuracies": accuracies, "runs": runs,
-                               "average": sum(accuracies) / len(accuracies), "table": table}
-    if args.conv == "doconv":
-        identical = all(r.fused_identical for r in runs)
-        outcome["fused_accuracies"] = [r.fused_accuracy for r in runs]
-        outcome["fused_identical"] = identical
-        print(f"Fused model accuracy identical to DO-Conv: {'yes' if identical else 'NO'}")
-    return outcome
+def main(argv: Sequence[str] | None = None) -> Comparison:
+    return run_sample(__doc__.split("\n\n")[0], run_once, SEED_EPOCHS, versions, argv)
 
 
 if __name__ == "__main__":
-    outcome = main()
-    sys.exit(0 if outcome.get("fused_identical", True) else 1)
+    sys.exit(exit_status(main()))

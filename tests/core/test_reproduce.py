@@ -15,11 +15,13 @@ def fake_sample():
     module.SEED_EPOCHS = 3
     module.calls = []
 
-    def run_once(conv, seed, epochs, dataset, quiet):
+    def run_once(conv, seed, epochs, dataset, quiet=False, *, limit=None, save_dir=None):
         module.calls.append((conv, seed, epochs, len(dataset.x_train)))
         base = 90.0 + seed + (1.0 if conv == "doconv" else 0.0)
         curve = [base - (epochs - e) for e in range(1, epochs + 1)]
-        return RunResult(conv, seed, curve, curve[-1] if conv == "doconv" else None, 2.0)
+        if conv == "plain":
+            return RunResult(conv, seed, curve, None, 2.0)
+        return RunResult(conv, seed, curve, curve[-1], 2.0, fused_identical=True)
 
     module.run_once = run_once
     module.versions = lambda: "fakeframework 1.0"
@@ -40,11 +42,14 @@ def test_reproduce_runs_the_protocol_and_writes_the_report(tmp_path, monkeypatch
     tiny_dataset(tmp_path)
     out = reproduce.main(["--framework", "torch", "--runs", "2", "--seed", "5", "--data-dir",
                           str(tmp_path), "--out", str(tmp_path / "out"), "--no-plot", "--quiet"])
-    assert module.calls == [("conv", 5, 3, 20), ("conv", 6, 3, 20),
-                            ("doconv", 5, 3, 20), ("doconv", 6, 3, 20)]
+    # Baseline and DO-Conv side by side per seed, as the samples run them.
+    assert module.calls == [("plain", 5, 3, 20), ("doconv", 5, 3, 20),
+                            ("plain", 6, 3, 20), ("doconv", 6, 3, 20)]
     report = out["report"].read_text()
     assert "| Baseline | 95.00 | 96.00 | 95.500 | - |" in report
     assert "| DO-Conv | 96.00 | 97.00 | 96.500 | +1.000 |" in report
-    assert "Fused DO-Conv accuracy per run: 96.00, 97.00 (identical to the unfused accuracy)" in report
+    assert "| DO-Conv fused | 96.00 | 97.00 | 96.500 | +1.000 |" in report
+    assert ("Fused DO-Conv (plain convs, saved and reloaded): predictions identical to "
+            "DO-Conv's in 2 of 2 runs.") in report
     assert "Wall time, Baseline: 4 s for 2 runs" in report
     assert "fakeframework 1.0" in report and "Command: `python samples/reproduce.py --framework torch" in report
