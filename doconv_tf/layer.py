@@ -134,7 +134,7 @@ def _channels_last_at_edge(data_format: str) -> bool:
 
     TensorFlow's CPU Conv2D and depthwise kernels refuse NCHW unless oneDNN is on, and with
     it on they still refuse float64; NHWC between transposes runs everywhere and was no
-    slower than oneDNN's own NCHW path (docs/portability.md). GPUs and the other backends
+    slower than oneDNN's own NCHW path (docs/benchmarks.md). GPUs and the other backends
     take NCHW natively.
     """
     return (data_format == "channels_first" and keras.backend.backend() == "tensorflow"

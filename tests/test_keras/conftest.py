@@ -24,6 +24,6 @@ if keras.backend.backend() != EXPECTED:
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     # Layer names and the global dtype policy must not leak between tests.
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)  # gc.collect() per test cost minutes
     yield
     keras.config.set_dtype_policy("float32")

@@ -56,7 +56,8 @@ def gradients(layer: keras.layers.Layer, x: np.ndarray, grad_y: np.ndarray,
             y, _ = layer.stateless_call(values, others, x, training=training)
             return jnp.sum(y * grad_y)
 
-        grad_x, grad_values = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), values)
+        # One compiled program per call instead of an XLA compile per eager op and shape.
+        grad_x, grad_values = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), values)
         grads = [grad_x, *grad_values]
     elif BACKEND == "torch":
         import torch
