@@ -8,6 +8,8 @@ The formulas are specified in doconv-math.md and documented once, here:
 * ``conv2d``, ``doconv2d``, ``doconv2d_features``: NumPy reference convolutions, and
   ``conv2d_vjp``, ``doconv2d_vjp``: their gradients, the oracle for the adapters' autograd.
 * ``DOConvParams``, ``save_params``, ``load_params``: the portable ``.npz`` container.
+* ``prepare_import``, ``check_state_keys``: every import validated whole before any layer
+  changes (the path all adapters' imports take).
 * ``import_legacy_torch``, ``import_legacy_tf``, ``import_legacy_gluon``: the authors'
   original checkpoints.
 """
@@ -24,11 +26,13 @@ from .compose import (
     nhwc_to_nchw,
     oihw_to_hwio,
 )
+from .checkpoint import check_state_keys, prepare_import
 from .legacy import LegacyImport, import_legacy_gluon, import_legacy_tf, import_legacy_torch
 from .params import (
     FORMAT_VERSION,
     CheckpointError,
     DOConvParams,
+    checkpoint_array,
     load_params,
     match_layers,
     save_params,
@@ -51,5 +55,6 @@ __all__ = [
     "identity_d", "oihw_to_hwio", "hwio_to_oihw", "nchw_to_nhwc", "nhwc_to_nchw",
     "conv2d", "conv2d_vjp", "doconv2d", "doconv2d_features", "doconv2d_vjp", "pad_input",
     "DOConvParams", "save_params", "load_params", "match_layers", "CheckpointError", "FORMAT_VERSION",
+    "checkpoint_array", "prepare_import", "check_state_keys",
     "LegacyImport", "import_legacy_torch", "import_legacy_tf", "import_legacy_gluon",
 ]

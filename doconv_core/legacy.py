@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .compose import embed_kernel, identity_d
-from .params import CheckpointError, DOConvParams
+from .params import CheckpointError, DOConvParams, checkpoint_array
 from .spec import ConvSpec
 
 
@@ -57,7 +57,7 @@ def _array(name: str, value: Any, shape: tuple[int, ...] | None, source: str) ->
         if shape is not None:
             raise CheckpointError(f"the {source} checkpoint needs {name} with shape {shape}")
         return None
-    array = np.asarray(value)
+    array = checkpoint_array(name, value)
     if shape is None:
         raise CheckpointError(
             f"{name} was given but this layer has none (shape {array.shape}); check the spec"

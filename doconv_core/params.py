@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import zipfile
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 import numpy as np
 
@@ -26,6 +26,22 @@ _META_KEY = "__doconv_meta__"
 
 class CheckpointError(ValueError):
     """A parameter file or legacy checkpoint that cannot be loaded as asked."""
+
+
+def checkpoint_array(name: str, value: Any) -> np.ndarray:
+    """``value`` as a NumPy array of real floating-point numbers, else a CheckpointError
+    naming the array: integer, boolean, complex, string or object data is never a
+    parameter, and a silent cast would hide a corrupt or mismatched file."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{name} cannot be read as an array: {error}") from None
+    if array.dtype.kind != "f":
+        raise CheckpointError(
+            f"{name} must hold floating-point numbers (float16, float32 or float64), "
+            f"got dtype {array.dtype}"
+        )
+    return array
 
 
 @dataclasses.dataclass
@@ -122,9 +138,21 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
             f"{where} has format version {meta.get('version')!r}; this doconv reads version "
             f"{FORMAT_VERSION}"
         )
+    described = meta.get("layers")
+    if not isinstance(described, dict):
+        raise CheckpointError(
+            f"{where} has invalid metadata: 'layers' must map layer names to settings, "
+            f"got {type(described).__name__}"
+        )
     layers: dict[str, DOConvParams] = {}
     used: set[str] = set()
-    for name, config in dict(meta.get("layers", {})).items():
+    for name, config in described.items():
+        if not name or "/" in name:
+            raise CheckpointError(f"{where} has invalid metadata: layer names must be "
+                                  f"non-empty strings without '/', got {name!r}")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{where}: layer {name!r} has invalid settings: expected a "
+                                  f"mapping, got {type(config).__name__}")
         try:
             spec = ConvSpec.from_dict(config)
         except (ValueError, TypeError) as error:
@@ -134,7 +162,10 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
         for part, required in (("W", True), ("D", spec.has_D), ("bias", spec.bias)):
             key = f"{name}/{part}"
             if key in arrays:
-                found[part] = arrays[key]
+                try:
+                    found[part] = checkpoint_array(part, arrays[key])
+                except CheckpointError as error:
+                    raise CheckpointError(f"{where}: layer {name!r}: {error}") from None
                 used.add(key)
             elif required:
                 raise CheckpointError(f"{where}: layer {name!r} is missing its {part} array")

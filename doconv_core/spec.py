@@ -268,6 +268,17 @@ class ConvSpec:
             b = b.with_in_channels(a.in_channels)
         return a.normalized() == b.normalized()
 
+    def string_padding(self) -> str | None:
+        """'valid' or 'same' where that padding computes this spec's function (for
+        frameworks that take only those two), else None; a string padding is kept."""
+        if isinstance(self.padding, str):
+            return self.padding
+        for padding in PADDING_STRINGS:
+            if self.same_function(dataclasses.replace(self, padding=padding,
+                                                      padding_mode="zeros")):
+                return padding
+        return None
+
     # -- serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         config = dataclasses.asdict(self)

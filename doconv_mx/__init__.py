@@ -195,8 +195,17 @@ class DOConv2D(nn.HybridBlock):
         else:
             self._spec.check_input_channels(in_channels)
 
+    def _check_input(self, shape: tuple) -> None:
+        """ValueError for an input this layer cannot take, raised before Gluon's deferred
+        initialisation fixes in_channels from it."""
+        if len(shape) != 4:
+            raise ValueError(f"input must be 4-D ({self._layout}), got shape {tuple(shape)}")
+        if self.spec.in_channels is not None:
+            self._spec.check_input_channels(shape[self._channel_axis()])
+
     def infer_shape(self, x: Any, *args: Any) -> None:
         """Deferred init from the first input (Gluon calls this before initialising)."""
+        self._check_input(x.shape)
         self._complete(x.shape[self._channel_axis()])
 
     # -- forward -----------------------------------------------------------------
@@ -305,9 +314,9 @@ class DOConv2D(nn.HybridBlock):
             del self._cache[key]
 
     def forward(self, x: Any, *args: Any) -> Any:
-        # Check the channel count here: once hybridized, hybrid_forward only sees symbols.
-        if isinstance(x, mx.nd.NDArray) and self.spec.in_channels is not None:
-            self._spec.check_input_channels(x.shape[self._channel_axis()])
+        # Check the input here: once hybridized, hybrid_forward only sees symbols.
+        if isinstance(x, mx.nd.NDArray):
+            self._check_input(x.shape)
         return super().forward(x, *args)
 
     def hybrid_forward(self, F: Any, x: Any, W: Any, D: Any = None, bias: Any = None) -> Any:
@@ -432,7 +441,11 @@ def load_legacy_params(layer: DOConv2D, *, weight: Any, D: Any = None,
         if len(shape) != 4:
             raise CheckpointError(f"weight must be (C_out, C_in/g, M, N), got shape {shape}")
         spec = spec.with_in_channels(shape[1] * spec.groups)
-    result = doconv_core.import_legacy_gluon(spec, weight=weight, D=D, bias=bias)
+    name = layer.name
+    _check_ready({name: layer}, "the original Gluon arrays")
+    result = doconv_core.prepare_import(
+        "the original Gluon arrays", {name: spec},
+        {name: {"weight": weight, "D": D, "bias": bias}}, layout="gluon-legacy")[name]
     layer.set_params(result.params)
     return result
 
@@ -602,9 +615,18 @@ def export_params(net: gluon.Block, path: Union[str, os.PathLike]) -> None:
 
 def import_params(net: gluon.Block, path: Union[str, os.PathLike]) -> None:
     """Load a file written by ``export_params`` (any framework) into ``net``'s DOConv2D layers."""
-    stored = doconv_core.load_params(path)
     layers = _doconv_layers(net)
-    doconv_core.match_layers(stored, {name: layer.spec for name, layer in layers.items()},
-                             repr(os.fspath(path)))
+    _check_ready(layers, repr(os.fspath(path)))
+    prepared = doconv_core.prepare_import(path, {name: layer.spec
+                                                 for name, layer in layers.items()})
     for name, layer in layers.items():
-        layer.set_params(stored[name])
+        layer.set_params(prepared[name].params)
+
+
+def _check_ready(layers: dict[str, DOConv2D], source: str) -> None:
+    """CheckpointError unless every layer can take values (initialize() was called)."""
+    waiting = sorted(name for name, layer in layers.items()
+                     if layer.W._data is None and layer.W._deferred_init == ())
+    if waiting:
+        raise CheckpointError(f"cannot load {source}: layers {waiting} are not initialized; "
+                              "call initialize() first")

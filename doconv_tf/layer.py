@@ -439,10 +439,16 @@ class DOConv2D(keras.layers.Layer):
         clash = sorted(fixed & set(kwargs))
         if clash:
             raise ValueError(f"from_params takes {clash} from params.spec; do not pass them")
-        if spec.padding_mode != "zeros":
+        if spec.normalized().padding_mode != "zeros":
             raise ValueError("Keras pads with zeros only; params.spec.padding_mode must be "
                              f"'zeros', got {spec.padding_mode!r}")
-        padding = "valid" if spec.padding == (0, 0) else spec.padding  # the same thing
+        padding = spec.string_padding()
+        if padding is None:
+            raise ValueError(
+                "params.spec.padding must be 'valid', 'same' or explicit padding that equals "
+                "one of them (Keras' Conv2D has no other padding), got "
+                f"{spec.padding!r} with kernel_size={spec.kernel_size}, stride={spec.stride} "
+                f"and dilation={spec.dilation}")
         layer = cls(spec.out_channels, spec.kernel_size, spec.stride, padding,
                     dilation_rate=spec.dilation, groups=spec.groups, use_bias=spec.bias,
                     D_mul=spec.D_mul, **kwargs)

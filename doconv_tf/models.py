@@ -169,12 +169,17 @@ def import_params(model: keras.Model, path: Union[str, os.PathLike]) -> None:
     The file and the model must hold the same layer names with equal specs; nothing is
     assigned unless all of them match.
     """
-    params = doconv_core.load_params(path)
     layers = _doconv_layers(model)
-    doconv_core.match_layers(params, {name: layer.spec for name, layer in layers.items()},
-                             repr(os.fspath(path)))
+    where = repr(os.fspath(path))
+    unbuilt = sorted(name for name, layer in layers.items() if not layer.built)
+    if unbuilt:
+        raise doconv_core.CheckpointError(
+            f"cannot load {where}: layers {unbuilt} are not built (their in_channels are "
+            "unknown); call the model on an input or build it first")
+    prepared = doconv_core.prepare_import(path, {name: layer.spec
+                                                 for name, layer in layers.items()})
     for name, layer in layers.items():
-        layer.set_params(params[name])
+        layer.set_params(prepared[name].params)
 
 
 def load_legacy_weights(layer: DOConv2D, *, W: Any, D: Any = None, bias: Any = None
@@ -184,6 +189,8 @@ def load_legacy_weights(layer: DOConv2D, *, W: Any, D: Any = None, bias: Any = N
     if not isinstance(layer, DOConv2D):
         raise ValueError(f"layer must be a DOConv2D, got {type(layer).__name__}")
     spec: ConvSpec = layer._require_built("load_legacy_weights")
-    result = doconv_core.import_legacy_tf(spec, W=W, D=D, bias=bias)
+    result = doconv_core.prepare_import(
+        "the original TensorFlow weights", {layer.name: spec},
+        {layer.name: {"W": W, "D": D, "bias": bias}}, layout="tf-legacy")[layer.name]
     layer.set_params(result.params)
     return result

@@ -130,13 +130,23 @@ def import_params(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     other layers; nothing is changed unless all match. Returns the layer names loaded.
     """
     layers = {name or ROOT_NAME: layer for name, layer in doconv_layers(model).items()}
-    stored = doconv_core.load_params(path)
-    doconv_core.match_layers(stored, {name: layer.spec for name, layer in layers.items()},
-                             repr(os.fspath(path)))
+    _check_ready(layers, repr(os.fspath(path)))
+    prepared = doconv_core.prepare_import(path, {name: layer.spec
+                                                 for name, layer in layers.items()})
     for name, layer in layers.items():
-        params = stored[name]
+        params = prepared[name].params
         layer._load_arrays(params.D, params.W, params.bias)
     return sorted(layers)
+
+
+def _check_ready(layers: Mapping[str, DOConv2d], source: str) -> None:
+    """CheckpointError unless every layer can take values: a meta-device parameter would
+    silently ignore them."""
+    on_meta = sorted(name for name, layer in layers.items()
+                     if any(param.is_meta for param in layer.parameters(recurse=False)))
+    if on_meta:
+        raise CheckpointError(f"cannot load {source}: layers {on_meta} are on the meta device; "
+                              "materialise them (model.to_empty(device=...)) first")
 
 
 @dataclasses.dataclass
@@ -176,9 +186,13 @@ def load_legacy_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *,
     _check_model(model)
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict must be True or False, got {strict!r}")
+    source = "the legacy state_dict"
     remaining = dict(state_dict)
-    converted: dict[str, torch.Tensor] = {}
-    results: dict[str, LegacyImport] = {}
+    targets: dict[str, DOConv2d] = {}
+    stored: dict[str, dict[str, Any]] = {}
+    prefixes: dict[str, str] = {}
     for name, layer in doconv_layers(model).items():
         prefix = f"{name}." if name else ""
         parts = {part: remaining.pop(prefix + part) for part in _LEGACY_PARTS
@@ -186,29 +200,39 @@ def load_legacy_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *,
         if not parts and not strict:
             continue
         if "W" not in parts:
-            raise CheckpointError(f"the legacy state_dict has no {prefix + 'W'!r} for layer "
+            raise CheckpointError(f"{source} has no {prefix + 'W'!r} for layer "
                                   f"{name or ROOT_NAME!r}")
-        diag = parts.get("d_diag", parts.get("D_diag"))
-        arrays = {part: None if value is None else _legacy_array(value)
-                  for part, value in parts.items()}
-        try:
-            result = doconv_core.import_legacy_torch(
-                layer.spec, W=arrays["W"], D=arrays.get("D"), bias=arrays.get("bias"),
-                D_diag=None if diag is None else _legacy_array(diag))
-        except CheckpointError as error:
-            raise CheckpointError(f"layer {name or ROOT_NAME!r}: {error}") from None
-        results[name or ROOT_NAME] = result
+        if "d_diag" in parts:  # the original's spelling wins, as before
+            parts["D_diag"] = parts.pop("d_diag")
+        stored[name or ROOT_NAME] = {part: _legacy_array(value) for part, value in parts.items()}
+        targets[name or ROOT_NAME] = layer
+        prefixes[name or ROOT_NAME] = prefix
+    _check_ready(targets, source)
+    results = doconv_core.prepare_import(
+        source, {name: layer.spec for name, layer in targets.items()}, stored,
+        layout="torch-legacy")
+    for name, result in results.items():
         for part in ("W", "D", "bias"):
             value = getattr(result.params, part)
             if value is not None:
-                converted[prefix + part] = torch.from_numpy(np.ascontiguousarray(value))
-    remaining.update(converted)
+                remaining[prefixes[name] + part] = torch.from_numpy(np.ascontiguousarray(value))
+    # Checked in full before load_state_dict, which copies what matches and only then
+    # reports what does not.
+    not_tensors = sorted(key for key, value in remaining.items()
+                         if not isinstance(value, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{source}: {not_tensors} must be torch.Tensor values")
+    expected = {key: None if nn.parameter.is_lazy(value) else tuple(value.shape)
+                for key, value in model.state_dict(keep_vars=True).items()}
+    doconv_core.check_state_keys(source, expected,
+                                 {key: tuple(value.shape) for key, value in remaining.items()},
+                                 strict=strict)
     outcome = model.load_state_dict(remaining, strict=strict)
     return LegacyLoadReport(results, list(outcome.missing_keys), list(outcome.unexpected_keys))
 
 
-def _legacy_array(value: Any) -> np.ndarray:
+def _legacy_array(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-    return np.asarray(value)
+    return value  # the core checks and converts it

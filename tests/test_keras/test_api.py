@@ -194,9 +194,12 @@ def test_params_errors():
     with pytest.raises(ValueError, match=re.escape(
             "from_params takes ['filters'] from params.spec; do not pass them")):
         DOConv2D.from_params(other, filters=3)
-    explicit = DOConvParams(ConvSpec(2, 4, 3, padding=1), np.zeros((4, 2, 9)),
+    explicit = DOConvParams(ConvSpec(2, 4, 3, padding=2), np.zeros((4, 2, 9)),
                             np.zeros((2, 9, 9)), np.zeros(4))
-    with pytest.raises(ValueError, match="padding must be 'valid' or 'same'"):
+    with pytest.raises(ValueError, match=re.escape(
+            "params.spec.padding must be 'valid', 'same' or explicit padding that equals one "
+            "of them (Keras' Conv2D has no other padding), got (2, 2) with kernel_size=(3, 3), "
+            "stride=(1, 1) and dilation=(1, 1)")):
         DOConv2D.from_params(explicit)
     reflect = DOConvParams(ConvSpec(2, 4, 3, padding="same", padding_mode="reflect"),
                            np.zeros((4, 2, 9)), np.zeros((2, 9, 9)), np.zeros(4))
