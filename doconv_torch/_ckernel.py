@@ -1,10 +1,12 @@
 """The CPU fast path of the kernel composition: a C kernel compiled at first use.
 
-``compose(W, D, D_diag, groups, M, N)`` returns the same kernel as DOConv2d's einsum
-(``K[o, i, :] = (D + D_diag)[c(o, i)] @ W[o, i, :]``, doconv-math.md) with a hand-written
-forward and a fused backward (dW and dD in one pass). On this project's CPU it composes
-forward plus backward in 0.2-0.4x of einsum's time (docs/benchmarks.md): einsum runs the
-product as a batch of tiny 9x9 matrix products, far below the CPU's speed.
+``c_forward(W, D, groups, M, N)`` returns the same kernel as DOConv2d's einsum
+(``K[o, i, :] = (D + D_diag)[c(o, i)] @ W[o, i, :]``, doconv-math.md; the kernel adds the fixed
+identity D_diag on the fly) and ``c_backward`` the fused backward (dW and dD in one pass).
+``_ops`` registers both as the CPU implementation of the ``doconv::compose`` operator.
+On this project's CPU it composes forward plus backward in 0.2-0.4x of einsum's time
+(docs/benchmarks.md): einsum runs the product as a batch of tiny 9x9 matrix products, far
+below the CPU's speed.
 
 How the library gets compiled, and why it is safe to load:
 * The source, ``_compose_kernel.c``, ships with the package; ``cc`` (or ``$CC``) builds it
@@ -23,8 +25,8 @@ How the library gets compiled, and why it is safe to load:
 ``DOCONV_CKERNEL``: ``auto`` (default: use the kernel when it builds, else einsum with one
 warning), ``0`` (always einsum, no warning), ``1`` (required: raise if it cannot be built;
 the test suite runs this way so that the fast path cannot silently go missing).
-The kernel serves CPU float32/float64 with M*N and D_mul up to 32, outside tracing,
-scripting, torch.compile and functorch transforms; everything else composes with einsum.
+The kernel serves CPU float32/float64 with M*N and D_mul up to 32; everything else composes
+with einsum.
 """
 
 from __future__ import annotations
@@ -38,17 +40,13 @@ import subprocess
 import tempfile
 import threading
 import warnings
-import weakref
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
-import doconv_core
-
-__all__ = ["Backend", "backend", "compose", "fast_path_applies"]
+__all__ = ["Backend", "backend", "c_backward", "c_forward", "c_kernel_applies"]
 
 ABI_VERSION = 8  # doconv_abi_version() of _compose_kernel.c
 MAX_SIZE = 32  # the kernel's padded rows hold at most 32 elements (M*N and D_mul)
@@ -208,48 +206,14 @@ def _functorch_active() -> bool:
     return bool(check and check())
 
 
-# D_diag tensors checked to hold the identity the kernel adds itself:
-# id(tensor) -> (weak reference, (version, address, dtype, shape) when checked).
-_identity_checked: dict[int, tuple] = {}
-
-
-def _is_identity(D_diag: Tensor, D_mul: int) -> bool:
-    """D_diag is a buffer nobody should change, but the einsum path would honour a change;
-    so the kernel, which never reads it, runs only while it holds the identity."""
-    try:
-        stamp = (D_diag._version, D_diag.data_ptr(), D_diag.dtype, tuple(D_diag.shape))
-    except RuntimeError:  # an inference tensor has no version counter: check every time
-        stamp = None
-    ref, checked = _identity_checked.get(id(D_diag), (None, None))
-    if ref is not None and ref() is D_diag and checked == stamp:
-        return True
-    identity = doconv_core.identity_d(D_diag.shape[0], D_diag.shape[1], D_mul, np.float64)
-    if not torch.equal(D_diag, torch.from_numpy(identity).to(D_diag.dtype)):
-        return False
-    if stamp is None:
-        return True
-    key = id(D_diag)
-    _identity_checked[key] = (weakref.ref(D_diag, lambda _: _identity_checked.pop(key, None)),
-                              stamp)
-    return True
-
-
-def fast_path_applies(W: Tensor, D: Optional[Tensor], D_diag: Optional[Tensor],
-                      kernel_size: tuple[int, int]) -> bool:
-    """Whether ``compose`` may take the C kernel for these parameters (before loading it)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active():
-        return False  # graphs must record torch ops; a ctypes call cannot be traced
-    if D is None or D_diag is None or any(type(t) not in (Tensor, torch.nn.Parameter)
-                                          for t in (W, D, D_diag)):
-        return False  # tensor subclasses (fake, meta wrappers, ...) keep torch's semantics
+def c_kernel_applies(W: Tensor, D: Tensor, M: int, N: int) -> bool:
+    """Whether the C kernel serves these CPU tensors (it builds the library on first call)."""
     if W.device.type != "cpu" or D.device.type != "cpu" or W.dtype != D.dtype or \
             W.dtype not in _DTYPE_CODES:
         return False
-    if kernel_size[0] * kernel_size[1] > MAX_SIZE or W.shape[-1] > MAX_SIZE:
+    if M * N > MAX_SIZE or W.shape[-1] > MAX_SIZE:
         return False
-    if _library() is None or D_diag.device.type != "cpu" or D_diag.shape != D.shape:
-        return False
-    return _is_identity(D_diag, W.shape[-1])
+    return _library() is not None
 
 
 def _threads(numel: int) -> int:
@@ -257,61 +221,41 @@ def _threads(numel: int) -> int:
     return max(1, min(torch.get_num_threads(), numel // 16384))
 
 
-class _Compose(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, W: Tensor, D: Tensor, D_diag: Tensor, groups: int, M: int,
-                N: int) -> Tensor:
-        W, D = W.contiguous(), D.contiguous()
-        out_channels, in_per_group, D_mul = W.shape
-        kernel = torch.empty((out_channels, in_per_group, M, N), dtype=W.dtype)
-        status = _State.lib.doconv_fwd(
-            _DTYPE_CODES[W.dtype], W.data_ptr(), D.data_ptr(), kernel.data_ptr(), out_channels,
-            in_per_group, groups, M * N, D_mul, _threads(W.numel()))
-        if status != 0:
-            raise RuntimeError(f"doconv_fwd refused W {tuple(W.shape)}, D {tuple(D.shape)}, "
-                               f"groups={groups}")
-        ctx.save_for_backward(W, D, D_diag)
-        ctx.groups = groups
-        return kernel
-
-    @staticmethod
-    def backward(ctx, grad_kernel: Tensor):
-        W, D, D_diag = ctx.saved_tensors
-        groups = ctx.groups
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward): the same gradients as differentiable ops.
-            grad_W, grad_D = _einsum_backward(W, D, D_diag, grad_kernel, groups)
-        else:
-            grad_kernel = grad_kernel.contiguous()
-            grad_W, grad_D = torch.empty_like(W), torch.empty_like(D)
-            out_channels, in_per_group, D_mul = W.shape
-            status = _State.lib.doconv_bwd(
-                _DTYPE_CODES[W.dtype], W.data_ptr(), D.data_ptr(), grad_kernel.data_ptr(),
-                grad_W.data_ptr(), grad_D.data_ptr(), out_channels, in_per_group, groups,
-                D.shape[1], D_mul, _threads(W.numel()))
-            if status != 0:
-                raise RuntimeError("doconv_bwd refused its arguments")
-        needs_W, needs_D = ctx.needs_input_grad[:2]
-        return (grad_W if needs_W else None, grad_D if needs_D else None,
-                None, None, None, None)
+class _Calls:
+    """How often the C kernel ran (tests check which path a layer took)."""
+    forward = 0
+    backward = 0
 
 
-def _einsum_backward(W: Tensor, D: Tensor, D_diag: Tensor, grad_kernel: Tensor,
-                     groups: int) -> tuple[Tensor, Tensor]:
+def c_forward(W: Tensor, D: Tensor, groups: int, M: int, N: int) -> Tensor:
+    """The contiguous (C_out, C_in/groups, M, N) kernel; only where ``c_kernel_applies``."""
+    W, D = W.contiguous(), D.contiguous()
     out_channels, in_per_group, D_mul = W.shape
-    mn = D.shape[1]
-    Wg = W.reshape(groups, out_channels // groups, in_per_group, D_mul)
-    Dg = (D + D_diag).reshape(groups, in_per_group, mn, D_mul)
-    dK = grad_kernel.reshape(groups, out_channels // groups, in_per_group, mn)
-    grad_W = torch.einsum("goim,gims->gois", dK, Dg).reshape(W.shape)
-    grad_D = torch.einsum("goim,gois->gims", dK, Wg).reshape(D.shape)
+    # device= explicitly: under torch.device("meta") or set_default_device a bare empty()
+    # would hand the kernel a pointer to nothing.
+    kernel = torch.empty((out_channels, in_per_group, M, N), dtype=W.dtype, device=W.device)
+    status = _State.lib.doconv_fwd(
+        _DTYPE_CODES[W.dtype], W.data_ptr(), D.data_ptr(), kernel.data_ptr(), out_channels,
+        in_per_group, groups, M * N, D_mul, _threads(W.numel()))
+    if status != 0:
+        raise RuntimeError(f"doconv_fwd refused W {tuple(W.shape)}, D {tuple(D.shape)}, "
+                           f"groups={groups}")
+    _Calls.forward += 1
+    return kernel
+
+
+def c_backward(grad_kernel: Tensor, W: Tensor, D: Tensor,
+               groups: int) -> tuple[Tensor, Tensor]:
+    """(dL/dW, dL/dD) in one fused pass; only where ``c_kernel_applies``."""
+    W, D, grad_kernel = W.contiguous(), D.contiguous(), grad_kernel.contiguous()
+    grad_W = torch.empty(W.shape, dtype=W.dtype, device=W.device)
+    grad_D = torch.empty(D.shape, dtype=D.dtype, device=D.device)
+    out_channels, in_per_group, D_mul = W.shape
+    status = _State.lib.doconv_bwd(
+        _DTYPE_CODES[W.dtype], W.data_ptr(), D.data_ptr(), grad_kernel.data_ptr(),
+        grad_W.data_ptr(), grad_D.data_ptr(), out_channels, in_per_group, groups,
+        D.shape[1], D_mul, _threads(W.numel()))
+    if status != 0:
+        raise RuntimeError("doconv_bwd refused its arguments")
+    _Calls.backward += 1
     return grad_W, grad_D
-
-
-def compose(W: Tensor, D: Tensor, D_diag: Tensor, groups: int, M: int, N: int) -> Tensor:
-    """The contiguous (C_out, C_in/groups, M, N) kernel, by the C kernel.
-
-    Call only where ``fast_path_applies`` (it checks that D_diag holds the identity the
-    kernel adds on the fly; double backward reads D_diag).
-    """
-    return _Compose.apply(W, D, D_diag, groups, M, N)

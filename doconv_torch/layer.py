@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations` here: TorchScript reads this module's annotations.
 import math
-import weakref
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
@@ -14,7 +13,7 @@ from torch.nn import init
 import doconv_core
 from doconv_core import ConvSpec, DOConvParams
 
-from . import _ckernel
+from . import _ckernel, _ops
 
 __all__ = ["DOConv2d"]
 
@@ -32,11 +31,19 @@ def _numpy(tensor: Optional[Tensor]) -> Optional[np.ndarray]:
     return tensor.numpy().copy()
 
 
+@torch.jit.unused
+def _is_fx_tracing() -> bool:
+    """Inside torch.fx.symbolic_trace (inputs and parameters are Proxies)."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 class DOConv2d(nn.Module):
     """Depthwise over-parameterized 2-D convolution with nn.Conv2d's signature plus ``D_mul``.
 
     Trainable ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, M*N, D_mul; absent for a
-    1x1 kernel) and ``bias``; the fixed identity ``D_diag`` is a non-persistent buffer.
+    1x1 kernel) and ``bias``, and no other state: the fixed identity ``D_diag`` is part of
+    the composition (``torch.ops.doconv.compose``), so meta-device builds, ``to_empty`` and
+    sharded loading need nothing besides the state dict.
     ``weight`` is the composed kernel, so code that reads ``conv.weight`` keeps working.
     Subclasses nn.Module, not nn.Conv2d: tools that see an nn.Conv2d expect ``weight``
     to be a Parameter (weight_norm, pruning, quantization, fusers) and would misfire.
@@ -44,8 +51,7 @@ class DOConv2d(nn.Module):
 
     __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels",
                      "out_channels", "kernel_size", "D_mul"]
-    __annotations__ = {"bias": Optional[Tensor], "D": Optional[Tensor],
-                       "D_diag": Optional[Tensor]}
+    __annotations__ = {"bias": Optional[Tensor], "D": Optional[Tensor]}
     # Python-only properties: TorchScript compiles forward without them.
     __jit_unused_properties__ = ["weight", "spec"]
 
@@ -103,11 +109,8 @@ class DOConv2d(nn.Module):
         self.W = nn.Parameter(torch.empty(spec.W_shape, **factory))
         if spec.has_D:
             self.D = nn.Parameter(torch.empty(spec.D_shape, **factory))
-            self.register_buffer("D_diag", torch.empty(spec.D_shape, **factory),
-                                 persistent=False)
         else:
             self.register_parameter("D", None)
-            self.register_buffer("D_diag", None, persistent=False)
         if spec.bias:
             self.bias = nn.Parameter(torch.empty(spec.out_channels, **factory))
         else:
@@ -131,45 +134,27 @@ class DOConv2d(nn.Module):
             if self.bias is not None:
                 bias_bound = 1 / math.sqrt(fan_in)
                 init.uniform_(self.bias, -bias_bound, bias_bound)
-        self._reset_identity()
-
-    def _reset_identity(self) -> None:
-        if self.D_diag is not None:
-            identity = doconv_core.identity_d(self.in_channels, self._spec.mn, self.D_mul,
-                                              np.float64)
-            with torch.no_grad():
-                self.D_diag.copy_(torch.from_numpy(identity))
 
     # -- the composed kernel -----------------------------------------------------------
     def _compose(self) -> Tensor:
-        """K = einsum('gois,gims->goim', W, D + D_diag): one batched product (on CPU, the
-        compiled kernel of ``_ckernel`` computes the same product several times faster)."""
-        if not torch.jit.is_scripting():
-            fast = self._compose_fast()
-            if fast is not None:
-                return fast
+        """K = einsum('gois,gims->goim', W, D + D_diag), contiguous: ``doconv::compose``
+        (on CPU float32/float64 the compiled kernel of ``_ckernel``, elsewhere einsum)."""
         D = self.D
-        D_diag = self.D_diag
-        g = self.groups
-        out_g = self.out_channels // g
-        in_g = self.in_channels // g
         M = self.kernel_size[0]
         N = self.kernel_size[1]
-        if D is not None and D_diag is not None:
-            Wg = self.W.reshape(g, out_g, in_g, self.D_mul)
-            Dg = (D + D_diag).reshape(g, in_g, M * N, self.D_mul)
-            # einsum returns a permuted view; a convolution with a non-contiguous weight runs
-            # over twice as slow (measured: 512 channels, 7x7), so lay the kernel out once.
-            return torch.einsum("gois,gims->goim", Wg, Dg).reshape(
-                self.out_channels, in_g, M, N).contiguous()
-        return self.W.reshape(self.out_channels, in_g, M, N)
+        if D is None:
+            return self.W.reshape(self.out_channels, self.in_channels // self.groups, M, N)
+        if torch.jit.is_scripting():
+            return _ops.einsum_compose(self.W, D, self.groups, M, N)
+        return self._compose_op(D)
 
     @torch.jit.unused
-    def _compose_fast(self) -> Optional[Tensor]:
-        if not _ckernel.fast_path_applies(self.W, self.D, self.D_diag, self.kernel_size):
-            return None
-        return _ckernel.compose(self.W, self.D, self.D_diag, self.groups, self.kernel_size[0],
-                                self.kernel_size[1])
+    def _compose_op(self, D: Tensor) -> Tensor:
+        if torch.jit.is_tracing() or _ckernel._functorch_active():
+            # A TorchScript trace must load without this package, and vmap has no rule for
+            # the operator: both record the plain ops.
+            return _ops.einsum_compose(self.W, D, self.groups, *self.kernel_size)
+        return _ops.compose(self.W, D, self.groups, *self.kernel_size)
 
     @torch.jit.unused
     def _compose_eager(self) -> Tensor:
@@ -187,15 +172,17 @@ class DOConv2d(nn.Module):
 
     @torch.jit.unused
     def _cache_key(self) -> tuple:
-        # A parameter replaced, moved, cast or changed in place (optimizer steps,
-        # load_state_dict, nn.init, no_grad ops) changes one of these. Holding the storages
-        # keeps their addresses from being reused by a different tensor.
+        # A parameter replaced, moved, cast, swapped (swap_tensors) or changed in place
+        # (optimizer steps, load_state_dict, nn.init, no_grad ops) changes one of these.
+        # Holding the storages keeps their addresses from being reused by a different
+        # tensor. The parameters are held by strong reference, not weakref: swap_tensors
+        # refuses tensors with weakrefs, and a Python reference adds no TensorImpl use.
         key = []
-        for tensor in (self.W, self.D, self.D_diag):
+        for tensor in (self.W, self.D):
             if tensor is None:
                 key.append(None)
                 continue
-            key.append((weakref.ref(tensor), tensor._version, tensor.data_ptr(),
+            key.append((tensor, tensor._version, tensor.data_ptr(),
                         tensor.untyped_storage(), tensor.device, tensor.dtype,
                         tuple(tensor.shape), tuple(tensor.stride())))
         return tuple(key)
@@ -207,13 +194,15 @@ class DOConv2d(nn.Module):
                 if a is not b:
                     return False
                 continue
-            if a[0]() is not b[0]() or a[1:3] != b[1:3] or a[4:] != b[4:]:
+            if a[0] is not b[0] or a[1:3] != b[1:3] or a[4:] != b[4:]:
                 return False
         return True
 
     @torch.jit.unused
     def _kernel(self) -> Tensor:
         """The composed kernel; reused while it is not part of an autograd graph."""
+        if _is_fx_tracing():
+            return self._compose()  # parameters are Proxies: record the operator only
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._compose_eager()  # the graph must record the composition
         if torch.is_grad_enabled() and (
@@ -281,7 +270,8 @@ class DOConv2d(nn.Module):
                                  + " channels (the layer's in_channels)")
             weight = self._compose()
         else:
-            if not torch.jit.is_tracing():  # a trace records shapes as constants anyway
+            # A trace records shapes as constants anyway; FX passes a Proxy.
+            if not torch.jit.is_tracing() and not _is_fx_tracing():
                 self._check_input(input)
             weight = self._kernel()
         return self._conv_forward(input, weight, self.bias)
@@ -341,7 +331,6 @@ class DOConv2d(nn.Module):
                     spec.padding, spec.dilation, spec.groups, spec.bias, spec.padding_mode,
                     device="meta", dtype=dtype, D_mul=spec.D_mul)
         layer.to_empty(device=torch.get_default_device() if device is None else device)
-        layer._reset_identity()
         return layer
 
     def _load_arrays(self, D: Optional[np.ndarray], W: np.ndarray,

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import doconv_core as dc
 from doconv_core import CheckpointError
 from doconv_torch import DOConv2d, export_params, import_params, load_legacy_state_dict
 

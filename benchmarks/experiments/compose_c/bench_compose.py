@@ -3,7 +3,7 @@
     .tox/torch/bin/python benchmarks/experiments/compose_c/bench_compose.py [--rounds 9] [--threads 2] [--json OUT] [--quick]
 
 Variants, interleaved per round (A B C A B C ...): einsum (compose_einsum, autograd backward),
-ckernel (doconv_torch._ckernel.compose, the C kernel) and bmm_ios (variants.ComposeBmm, W stored (i,o,s)-strided;
+ckernel (doconv_torch._ops.compose, the C kernel on CPU) and bmm_ios (variants.ComposeBmm, W stored (i,o,s)-strided;
 g=1 only).  "fwd" runs under no_grad, "fb" is forward + backward with a contiguous
 (C_out, C_in/g, 3, 3) dK.  Each cell is the median over rounds of the mean of n calls.
 --quick: two small shapes, one round, a few calls (a smoke run, numbers meaningless).
@@ -18,7 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-from doconv_torch._ckernel import _library as get_lib, compose  # noqa: E402
+from doconv_torch._ckernel import _library as get_lib  # noqa: E402
+from doconv_torch._ops import compose  # noqa: E402
 from variants import ComposeBmm, compose_einsum, make_d_diag  # noqa: E402
 
 SHAPES = [("g1 C128 S9", 128, 1, 9), ("g1 C256 S9", 256, 1, 9), ("g1 C512 S9", 512, 1, 9),
@@ -60,7 +61,7 @@ def main():
         Wios.requires_grad_()
         dK = torch.randn(O, Ig, M, N)
         V = {"einsum": lambda w, d: compose_einsum(w, d, Dd, g, M, N),
-             "ckernel": lambda w, d: compose(w, d, Dd, g, M, N)}
+             "ckernel": lambda w, d: compose(w, d, g, M, N)}
         if g == 1:
             V["bmm_ios"] = lambda w, d: ComposeBmm.apply(Wios, d, Dd, M, N)
         fwd = {k: (lambda f=f: f(W, D)) for k, f in V.items()}

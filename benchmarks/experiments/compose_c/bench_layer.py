@@ -4,7 +4,7 @@
 
 Layer: x (32, C, H, H) with requires_grad, F.conv2d(padding=1, groups=g) forward plus backward.
 Variants, interleaved per round: native (a plain (C_out, C_in/g, 3, 3) weight), einsum
-(compose_einsum), ckernel (doconv_torch._ckernel.compose) and bmm_ios (g=1 only).  Each round times two steps
+(compose_einsum), ckernel (doconv_torch._ops.compose) and bmm_ios (g=1 only).  Each round times two steps
 per variant; the ratio column is the median over rounds of the paired per-round ratio
 variant / native.
 --quick: two small shapes with batch 4, one round (a smoke run, numbers meaningless).
@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from doconv_torch._ckernel import _library as get_lib, compose  # noqa: E402
+from doconv_torch._ckernel import _library as get_lib  # noqa: E402
+from doconv_torch._ops import compose  # noqa: E402
 from variants import ComposeBmm, compose_einsum, make_d_diag  # noqa: E402
 
 # (name, C, groups, S, H)
@@ -59,7 +60,7 @@ def main():
         Wios.requires_grad_()
         V = {"native": lambda: Wn,
              "einsum": lambda: compose_einsum(W, D, Dd, g, M, N),
-             "ckernel": lambda: compose(W, D, Dd, g, M, N)}
+             "ckernel": lambda: compose(W, D, g, M, N)}
         if g == 1:
             V["bmm_ios"] = lambda: ComposeBmm.apply(Wios, D, Dd, M, N)
 
