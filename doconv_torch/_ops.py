@@ -118,6 +118,43 @@ def _backward(ctx, grad_kernel: Tensor):
 _compose_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerCompose(torch.autograd.Function):
+    """The operator's CPU C-kernel path and autograd formula, called directly.
+
+    Eager training calls the composition twice per layer and step; going through the
+    dispatcher and the registered autograd costs about four times the C kernel's own time
+    on a small layer (docs/benchmarks.md). Same kernels, same formulas, same results.
+    """
+
+    @staticmethod
+    def forward(ctx, W: Tensor, D: Tensor, groups: int, M: int, N: int) -> Tensor:
+        ctx.save_for_backward(W, D)
+        ctx.groups = groups
+        return _ckernel.c_forward(W, D, groups, M, N)
+
+    @staticmethod
+    def backward(ctx, grad_kernel: Tensor):
+        W, D = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: differentiable formulas, as the op
+            grad_W, grad_D = einsum_backward(grad_kernel, W, D, ctx.groups)
+        else:
+            grad_W, grad_D = _ckernel.c_backward(grad_kernel, W, D, ctx.groups)
+        needs_W, needs_D = ctx.needs_input_grad[:2]
+        return grad_W if needs_W else None, grad_D if needs_D else None, None, None, None
+
+
+def _plain(tensor: Tensor) -> bool:
+    # Not a FakeTensor, FunctionalTensor, DTensor or other subclass: those take the operator.
+    return type(tensor) is torch.Tensor or type(tensor) is torch.nn.Parameter
+
+
 def compose(W: Tensor, D: Tensor, groups: int, M: int, N: int) -> Tensor:
-    """``torch.ops.doconv.compose``: the contiguous (C_out, C_in/groups, M, N) kernel."""
+    """``torch.ops.doconv.compose``: the contiguous (C_out, C_in/groups, M, N) kernel.
+
+    Eager calls on plain CPU tensors the C kernel serves skip the dispatcher (see
+    ``_EagerCompose``); compiled, exported and traced code records the operator.
+    """
+    if _plain(W) and _plain(D) and not torch.compiler.is_compiling() and \
+            _ckernel.c_kernel_applies(W, D, M, N):
+        return _EagerCompose.apply(W, D, groups, M, N)
     return torch.ops.doconv.compose(W, D, groups, M, N)

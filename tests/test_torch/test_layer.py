@@ -238,8 +238,10 @@ def test_composition_is_one_batched_product_whatever_the_channel_count(compose_b
             layer._compose()
         counts.append(sorted(mode.ops))
     assert counts[0] == counts[1] == counts[2]
-    # One operator whichever backend computes it (einsum: one bmm inside it).
-    assert counts[0] == ["doconv.compose"], counts[0]
+    # Einsum: the one operator (one bmm inside it). The C kernel, called directly in eager
+    # mode: one allocation it fills.
+    expected = ["aten.empty"] if compose_backend == "c" else ["doconv.compose"]
+    assert counts[0] == expected, counts[0]
 
 
 def test_composed_kernel_is_contiguous():
