@@ -348,12 +348,16 @@ class DOConv2D(nn.HybridBlock):
             None if self.D is None else self.D.data().asnumpy(),
             None if self.bias is None else self.bias.data().asnumpy())
 
+    def _initialize_called(self) -> bool:
+        """Whether initialize() reached W (it holds data or waits for a deferred shape)."""
+        return self.W._data is not None or self.W._deferred_init != ()
+
     def set_params(self, params: DOConvParams) -> None:
         """Load DOConvParams whose spec matches this layer (completes a deferred C_in)."""
         if not isinstance(params, DOConvParams):
             raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
         _check_same_layer(params.spec, self.spec, "params' spec")
-        if self.W._data is None and self.W._deferred_init == ():
+        if not self._initialize_called():
             raise ValueError("set_params needs initialize() to have been called on the layer")
         self._complete(params.spec.in_channels)
         for param, array in ((self.W, params.W), (self.D, params.D), (self.bias, params.bias)):
@@ -625,8 +629,7 @@ def import_params(net: gluon.Block, path: Union[str, os.PathLike]) -> None:
 
 def _check_ready(layers: dict[str, DOConv2D], source: str) -> None:
     """CheckpointError unless every layer can take values (initialize() was called)."""
-    waiting = sorted(name for name, layer in layers.items()
-                     if layer.W._data is None and layer.W._deferred_init == ())
+    waiting = sorted(name for name, layer in layers.items() if not layer._initialize_called())
     if waiting:
         raise CheckpointError(f"cannot load {source}: layers {waiting} are not initialized; "
                               "call initialize() first")

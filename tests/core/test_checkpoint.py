@@ -8,6 +8,7 @@ import pytest
 
 import doconv_core as dc
 from doconv_core.params import _META_KEY
+from checkpoint_files import rewrite_npz
 
 SPEC = dc.ConvSpec(2, 4, 3, padding=1)
 HEAD = dc.ConvSpec(4, 2, 1)
@@ -26,10 +27,7 @@ def saved(tmp_path, change=None):
     path = tmp_path / "model.npz"
     dc.save_params(path, {"a": params(SPEC), "b": params(HEAD)})
     if change is not None:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-        change(arrays)
-        np.savez(path, **arrays)
+        rewrite_npz(path, change)
     return path
 
 

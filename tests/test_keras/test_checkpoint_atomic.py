@@ -13,6 +13,7 @@ import doconv_core
 import doconv_tf
 from doconv_core import CheckpointError, ConvSpec, DOConvParams
 from doconv_tf import DOConv2D
+from checkpoint_files import as_int64, rewrite_npz
 
 RNG = np.random.default_rng(7)
 
@@ -55,10 +56,7 @@ def test_import_params_with_an_integer_W_changes_nothing(tmp_path):
     source.build((None, 6, 6, 3))
     path = tmp_path / "p.npz"
     doconv_tf.export_params(source, path)
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    arrays["b/W"] = arrays["b/W"].astype(np.int64)
-    np.savez(path, **arrays)
+    rewrite_npz(path, as_int64("b/W"))
     target = two_layers("t")
     target.build((None, 6, 6, 3))
     before = weights(target)

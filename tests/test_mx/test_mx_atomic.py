@@ -10,6 +10,7 @@ from mxnet.gluon import nn
 import doconv_mx
 from doconv_core import CheckpointError
 from doconv_mx import DOConv2D
+from checkpoint_files import as_int64, rewrite_npz
 
 
 @pytest.mark.parametrize("hybridize", [False, True])
@@ -18,7 +19,8 @@ def test_a_bad_first_input_does_not_fix_in_channels(hybridize):
     layer.initialize()
     if hybridize:
         layer.hybridize()
-    with pytest.raises(ValueError, match=re.escape("input must be 4-D (NCHW), got shape (4, 8, 8)")):
+    with pytest.raises(ValueError,
+                       match=re.escape("input must be 4-D (NCHW), got shape (4, 8, 8)")):
         layer(mx.nd.ones((4, 8, 8)))
     assert layer.spec.in_channels is None and layer.W.shape[1] == 0  # nothing changed
     out = layer(mx.nd.ones((2, 4, 8, 8)))  # the correct input still works
@@ -28,7 +30,8 @@ def test_a_bad_first_input_does_not_fix_in_channels(hybridize):
 def test_a_3d_input_to_a_known_layer_is_reported_as_3d():
     layer = DOConv2D(8, 3, in_channels=4)
     layer.initialize()
-    with pytest.raises(ValueError, match=re.escape("input must be 4-D (NCHW), got shape (4, 8, 8)")):
+    with pytest.raises(ValueError,
+                       match=re.escape("input must be 4-D (NCHW), got shape (4, 8, 8)")):
         layer(mx.nd.ones((4, 8, 8)))
     with pytest.raises(ValueError, match=re.escape(
             "input must have 4 channels (the layer's in_channels), got 8")):
@@ -73,10 +76,7 @@ def test_import_params_into_a_partly_initialized_net_changes_nothing(tmp_path):
 def test_import_params_with_an_integer_W_changes_nothing(tmp_path):
     path = tmp_path / "p.npz"
     doconv_mx.export_params(net(), path)
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    arrays["1/W"] = arrays["1/W"].astype(np.int64)
-    np.savez(path, **arrays)
+    rewrite_npz(path, as_int64("1/W"))
     target = net()
     before = values(target)
     with pytest.raises(CheckpointError, match=re.escape(

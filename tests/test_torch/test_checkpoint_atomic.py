@@ -9,6 +9,7 @@ from torch import nn
 
 from doconv_core import CheckpointError
 from doconv_torch import DOConv2d, export_params, import_params, load_legacy_state_dict
+from checkpoint_files import rewrite_npz as rewrite
 
 
 def model():
@@ -24,13 +25,6 @@ def assert_unchanged(module, before):
     after = module.state_dict()
     assert sorted(after) == sorted(before)
     assert all(torch.equal(before[key], after[key]) for key in before)
-
-
-def rewrite(path, change):
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    change(arrays)
-    np.savez(path, **arrays)
 
 
 def test_import_params_with_an_integer_second_W_changes_nothing(tmp_path):
