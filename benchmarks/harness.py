@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Callable, Mapping, Sequence
 
-from samples.machine import machine_description as describe_machine
+from doconv_core.testing.machine import machine_description as describe_machine
 
 
 # The issue's layer shapes, shared by every framework's benchmark:
@@ -135,7 +135,7 @@ def format_table(rows: Sequence[Row], variants: Sequence[str]) -> str:
 
 
 def machine_description(extra: Mapping[str, str] | None = None) -> str:
-    """samples.machine's description plus the allocator (see keep_freed_memory)."""
+    """doconv_core.testing.machine's description plus the allocator (see keep_freed_memory)."""
     return f"{describe_machine(extra)}; {_allocator}"
 
 

@@ -8,8 +8,9 @@ The formulas are specified in doconv-math.md and documented once, here:
 * ``conv2d``, ``doconv2d``, ``doconv2d_features``: NumPy reference convolutions, and
   ``conv2d_vjp``, ``doconv2d_vjp``: their gradients, the oracle for the adapters' autograd.
 * ``DOConvParams``, ``save_params``, ``load_params``: the portable ``.npz`` container.
-* ``prepare_import``, ``check_state_keys``: every import validated whole before any layer
-  changes (the path all adapters' imports take).
+* ``prepare_import``, ``prepare_legacy``, ``check_state_keys``: every import validated whole
+  before any layer changes (the path all adapters' imports take); ``LegacyLoadReport``.
+* ``layer_filter``: the ``include`` rule of every adapter's ``convert``.
 * ``import_legacy_torch``, ``import_legacy_tf``, ``import_legacy_gluon``: the authors'
   original checkpoints.
 """
@@ -26,7 +27,7 @@ from .compose import (
     nhwc_to_nchw,
     oihw_to_hwio,
 )
-from .checkpoint import check_state_keys, prepare_import
+from .checkpoint import ROOT_NAME, LegacyLoadReport, check_state_keys, prepare_import, prepare_legacy
 from .legacy import LegacyImport, import_legacy_gluon, import_legacy_tf, import_legacy_torch
 from .params import (
     FORMAT_VERSION,
@@ -45,6 +46,7 @@ from .reference import (
     doconv2d_vjp,
     pad_input,
 )
+from .selection import Include, layer_filter, nothing_to_convert
 from .spec import PADDING_MODES, ConvSpec, check_D_mul, check_int, check_pair, check_padding
 
 __version__ = "0.1.0"
@@ -55,6 +57,7 @@ __all__ = [
     "identity_d", "oihw_to_hwio", "hwio_to_oihw", "nchw_to_nhwc", "nhwc_to_nchw",
     "conv2d", "conv2d_vjp", "doconv2d", "doconv2d_features", "doconv2d_vjp", "pad_input",
     "DOConvParams", "save_params", "load_params", "match_layers", "CheckpointError", "FORMAT_VERSION",
-    "checkpoint_array", "prepare_import", "check_state_keys",
+    "checkpoint_array", "prepare_import", "prepare_legacy", "check_state_keys",
+    "LegacyLoadReport", "ROOT_NAME", "Include", "layer_filter", "nothing_to_convert",
     "LegacyImport", "import_legacy_torch", "import_legacy_tf", "import_legacy_gluon",
 ]

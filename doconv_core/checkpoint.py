@@ -9,8 +9,9 @@ CheckpointError naming the source, the layer and the array.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 from .legacy import LegacyImport, import_legacy_gluon, import_legacy_tf, import_legacy_torch
 from .params import CheckpointError, load_params, match_layers
@@ -25,6 +26,7 @@ _LEGACY = {
 LAYOUTS = ("portable",) + tuple(_LEGACY)
 
 Source = Union[str, os.PathLike]
+ROOT_NAME = "layer"  # the name a model that is itself one layer gets in files and messages
 
 
 def prepare_import(source: Source, targets: Mapping[str, ConvSpec],
@@ -92,3 +94,78 @@ def check_state_keys(source: str, expected: Mapping[str, Optional[tuple[int, ...
             raise CheckpointError(f"{source}: {key!r} must have shape {tuple(want)} for this "
                                   f"model, got {got}")
     return missing, unexpected
+
+
+@dataclasses.dataclass
+class LegacyLoadReport:
+    """What an adapter's ``load_legacy`` did, per DO-Conv layer and for the other keys."""
+
+    layers: dict[str, LegacyImport]
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+    @property
+    def exact(self) -> list[str]:
+        """Layers holding the original parameters (at most with D's channels permuted)."""
+        return [name for name, result in self.layers.items() if result.exact]
+
+    @property
+    def function_preserving(self) -> list[str]:
+        """Grouped layers whose original kernel was embedded (same function, D restarts)."""
+        return [name for name, result in self.layers.items() if not result.exact]
+
+
+# Spellings the original code also used: the original PyTorch layer saved its D_diag as d_diag.
+_ALIASES = {"torch-legacy": {"d_diag": "D_diag"}}
+
+
+def prepare_legacy(weights: Mapping[str, Any], layers: Mapping[str, ConvSpec], *, layout: str,
+                   strict: bool, loads_other_keys: bool,
+                   to_array: Callable[[Any], Any] = lambda value: value,
+                   source: str = "the legacy checkpoint"
+                   ) -> tuple[dict[str, LegacyImport], dict[str, Any], list[str]]:
+    """Validate a flat legacy checkpoint for a whole model; assign nothing.
+
+    ``weights`` maps ``f"{layer}.{array}"`` (just ``array`` for a model that is itself one
+    layer, named "") to values; ``layers`` maps each DO-Conv layer's qualified name to its
+    spec. Each layer takes the arrays the original code named (``layout``'s names) through
+    ``to_array``; with ``strict`` every layer must be there, else a layer with none of its
+    arrays is skipped and reported missing. ``loads_other_keys``: whether the adapter loads
+    the remaining keys natively (PyTorch's BatchNorm and the like); where it cannot, they are
+    unexpected (an error when ``strict``).
+    Returns ({layer name, ROOT_NAME for "": LegacyImport}, {other key: value},
+    [missing keys]).
+    """
+    if layout not in _LEGACY:
+        raise ValueError(f"layout must be one of {tuple(_LEGACY)}, got {layout!r}")
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"the legacy weights must be a mapping of names to arrays, got "
+                         f"{type(weights).__name__}")
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict must be True or False, got {strict!r}")
+    names = _LEGACY[layout][1]
+    aliases = _ALIASES.get(layout, {})
+    remaining = dict(weights)
+    targets: dict[str, ConvSpec] = {}
+    stored: dict[str, dict[str, Any]] = {}
+    missing: list[str] = []
+    for name, spec in layers.items():
+        prefix = f"{name}." if name else ""
+        parts = {}
+        for part in names + tuple(aliases):
+            if prefix + part in remaining:
+                parts[aliases.get(part, part)] = to_array(remaining.pop(prefix + part))
+        if not parts:
+            if strict:
+                raise CheckpointError(f"{source} has no {prefix + names[0]!r} for layer "
+                                      f"{name or ROOT_NAME!r}")
+            missing.append(prefix + names[0])
+            continue
+        stored[name or ROOT_NAME] = parts
+        targets[name or ROOT_NAME] = spec
+    unexpected = sorted(remaining) if not loads_other_keys else []
+    if strict and unexpected:
+        raise CheckpointError(f"{source} holds keys that are not arrays of this model's "
+                              f"DO-Conv layers: {unexpected} (pass strict=False to skip them)")
+    results = prepare_import(source, targets, stored, layout=layout) if targets else {}
+    return results, remaining, missing

@@ -51,11 +51,14 @@ def _shapes(D: np.ndarray | None, W: np.ndarray, groups: int,
 
 
 def compose_kernel(D: np.ndarray | None, W: np.ndarray, *, groups: int,
-                   kernel_size: Sequence[int], add_identity: bool = True) -> np.ndarray:
+                   kernel_size: Sequence[int], add_identity: bool = True,
+                   channel_map: np.ndarray | None = None) -> np.ndarray:
     """The effective OIHW kernel of a DO-Conv layer, as one batched product.
 
     ``add_identity`` adds D_diag to D (the trainable D is stored without it).
-    D is None for a 1x1 kernel, where the kernel is W itself.
+    D is None for a 1x1 kernel, where the kernel is W itself. ``channel_map`` (C_out, C_in/g):
+    the D channel each kernel slot (o, i) reads, for layouts that map channels differently
+    from c(o, i) (the original authors' code); default c(o, i).
     """
     D = None if D is None else np.asarray(D)
     W = np.asarray(W)
@@ -64,6 +67,13 @@ def compose_kernel(D: np.ndarray | None, W: np.ndarray, *, groups: int,
     if D is None:
         return W.reshape(C_out, I_g, M, N).copy()
     D_total = D + identity_d(C_in, mn, D_mul, D.dtype) if add_identity else D
+    if channel_map is not None:
+        channel_map = np.asarray(channel_map)
+        if channel_map.shape != (C_out, I_g):
+            raise ValueError(f"channel_map must have shape (C_out, C_in/groups) = "
+                             f"{(C_out, I_g)}, got {channel_map.shape}")
+        K = np.einsum("oims,ois->oim", D_total[channel_map], W)
+        return K.reshape(C_out, I_g, M, N)
     # Batch over (group, input slot): (g, I_g, O_g, S) @ (g, I_g, S, MN) -> (g, I_g, O_g, MN).
     W_batched = W.reshape(groups, O_g, I_g, D_mul).transpose(0, 2, 1, 3)
     D_batched = D_total.reshape(groups, I_g, mn, D_mul).transpose(0, 1, 3, 2)

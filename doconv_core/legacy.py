@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .compose import embed_kernel, identity_d
+from .compose import compose_kernel, embed_kernel, identity_d
 from .params import CheckpointError, DOConvParams, checkpoint_array
 from .spec import ConvSpec
 
@@ -85,9 +85,8 @@ def _from_mapped(spec: ConvSpec, D: np.ndarray | None, W: np.ndarray, bias: np.n
                   else "permuted D channels")
         return LegacyImport(DOConvParams(spec, W.copy(), D[permutation].copy(), bias), True,
                             method)
-    D_total = D + identity_d(spec.in_channels, spec.mn, spec.D_mul, D.dtype)
-    kernel = np.einsum("oims,ois->oim", D_total[channel_map], W)
-    kernel = kernel.reshape(spec.kernel_shape)
+    kernel = compose_kernel(D, W, groups=spec.groups, kernel_size=spec.kernel_size,
+                            channel_map=channel_map)
     D_new, W_new = embed_kernel(kernel, groups=spec.groups, D_mul=spec.D_mul)
     return LegacyImport(DOConvParams(spec, W_new, D_new, bias), False,
                         "embedded composed kernel")

@@ -51,11 +51,6 @@ def conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None = None, *,
     if bias is not None and np.shape(bias) != (C_out,):
         raise ValueError(f"bias must have shape ({C_out},), got {np.shape(bias)}")
     out_h, out_w = spec.output_size(x.shape[2:])
-    if out_h < 1 or out_w < 1:
-        raise ValueError(
-            f"x's spatial size {x.shape[2:]} is too small for kernel_size {(M, N)} "
-            f"with dilation {spec.dilation} and padding {spec.padding!r}"
-        )
     xp = pad_input(x, spec.resolve_padding(x.shape[2:]), padding_mode)
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     extent = ((M - 1) * dh + 1, (N - 1) * dw + 1)

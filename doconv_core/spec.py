@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PADDING_STRINGS = ("valid", "same")
 
 Pair = tuple[int, int]
 Padding = Union[str, Pair]
+
+
+def native_spec(names: Mapping[str, str], *args: Any, **kwargs: Any) -> "ConvSpec":
+    """``ConvSpec(*args, **kwargs)`` whose ValueErrors say the framework's argument names:
+    ``names`` maps a canonical name to the framework's (Keras' {"out_channels": "filters"})."""
+    try:
+        return ConvSpec(*args, **kwargs)
+    except ValueError as error:
+        message = str(error)
+        for canonical, native in names.items():
+            if message.startswith(canonical + " "):
+                message = native + message[len(canonical):]
+                break
+        raise ValueError(message) from None
 
 
 def _describe(value: Any) -> str:
@@ -235,13 +249,29 @@ class ConvSpec:
         ph, pw = self.padding
         return ((ph, ph), (pw, pw))
 
-    def output_size(self, in_hw: Sequence[int]) -> Pair:
-        pads = self.resolve_padding(in_hw)
+    def fixed_padding(self) -> tuple[Pair, Pair]:
+        """((top, bottom), (left, right)) for a padding that does not depend on the input size:
+        explicit, 'valid', or 'same' with stride 1; a ValueError for strided 'same'."""
+        if self.padding == "same" and self.stride != (1, 1):
+            raise ValueError(f"padding 'same' with stride {self.stride} depends on the input "
+                             "size; it has no fixed padding")
+        return self.resolve_padding((1, 1))  # with stride 1 'same' pads the same at any size
+
+    def output_size(self, in_hw: Sequence[int | None]) -> tuple[int | None, int | None]:
+        """The output's spatial size (None where the input's is unknown); a ValueError for an
+        input too small to give one output position."""
+        known = [1 if n is None else n for n in in_hw]
+        pads = self.resolve_padding(known)
         sizes = []
         for n, (before, after), k, s, d in zip(
             in_hw, pads, self.kernel_size, self.stride, self.dilation
         ):
-            sizes.append((n + before + after - (k - 1) * d - 1) // s + 1)
+            sizes.append(None if n is None else (n + before + after - (k - 1) * d - 1) // s + 1)
+        if any(size is not None and size < 1 for size in sizes):
+            raise ValueError(
+                f"an input of spatial size {tuple(in_hw)} is too small for kernel_size "
+                f"{self.kernel_size} with dilation {self.dilation} and padding {self.padding!r}"
+            )
         return (sizes[0], sizes[1])
 
     def normalized(self) -> "ConvSpec":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samples.common import (  # noqa: E402
     CONV_KINDS, ROW_NAMES, RunResult, compare, fused_summary, results_table)
 from samples.datasets import add_dataset_arguments, load_dataset  # noqa: E402
-from samples.machine import machine_description  # noqa: E402
+from doconv_core.testing.machine import machine_description  # noqa: E402
 
 MODULES = {"torch": "samples.sample_pt", "tf": "samples.sample_tf", "mx": "samples.sample_gluoncv"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from doconv_core import PADDING_MODES, ConvSpec
-from doconv_core.cases import GROUP_KINDS, KERNEL_SIZES, channels_for
+from doconv_core.testing.cases import GROUP_KINDS, KERNEL_SIZES, channels_for
 
 
 @st.composite

@@ -4,7 +4,7 @@
     python tests/transfer_models.py import FRAMEWORK --artifacts DIR --from torch,keras-tf,...
     python tests/transfer_models.py import-everywhere --artifacts DIR --envs .tox
 
-``export`` trains the model (doconv_core.crosscheck.TRANSFER_LAYERS, ReLU between convs,
+``export`` trains the model (doconv_core.testing.crosscheck.TRANSFER_LAYERS, ReLU between convs,
 global average pool) for a few SGD steps in FRAMEWORK, writes its parameters to the
 portable .npz and its own probe predictions (unfused and fused). ``import`` loads every
 other framework's file into FRAMEWORK's model and writes its predictions. The ``cross``
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from doconv_core import crosscheck  # noqa: E402
-from doconv_core.crosscheck import TRANSFER_LAYERS  # noqa: E402
+from doconv_core.testing import crosscheck  # noqa: E402
+from doconv_core.testing.crosscheck import TRANSFER_LAYERS  # noqa: E402
 
 FRAMEWORKS = ("torch", "keras-tf", "keras-jax", "keras-torch", "mx")
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import doconv_core as dc
-from doconv_core.cases import property_cases
+from doconv_core.testing.cases import property_cases
 from strategies import input_shape_for, layer_specs
 
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64 throughout

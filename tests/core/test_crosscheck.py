@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import doconv_core as dc
-from doconv_core import crosscheck
-from doconv_core.cases import property_cases
+from doconv_core.testing import crosscheck
+from doconv_core.testing.cases import property_cases
 from doconv_core.legacy import torch_channel_map
 
 CASES = ([c for c in property_cases() if c.name.startswith("between") and c.spec.has_D][:5]

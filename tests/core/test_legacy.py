@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import doconv_core as dc
-from doconv_core.cases import channels_for
+from doconv_core.testing.cases import channels_for
 
 GROUP_KINDS = ("one", "between", "depthwise", "depthwise_multiplier")
 

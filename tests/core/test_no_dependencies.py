@@ -38,7 +38,7 @@ def test_probe_detects_a_framework_import():
 
 
 def test_core_imports_no_framework():
-    assert attempted_imports("import doconv_core, doconv_core.cases") == []
+    assert attempted_imports("import doconv_core, doconv_core.testing.cases") == []
 
 
 def test_sample_data_loading_imports_no_framework():

@@ -84,7 +84,7 @@ def test_padding_modes_pad_as_pytorch_does():
     (dict(kernel=np.zeros((3, 1, 3, 3))),
      r"kernel must have C_in/groups = 2 input channels for x with 2 channels"),
     (dict(bias=np.zeros(2)), r"bias must have shape \(3,\), got \(2,\)"),
-    (dict(x=np.zeros((1, 2, 2, 2))), r"x's spatial size \(2, 2\) is too small"),
+    (dict(x=np.zeros((1, 2, 2, 2))), r"an input of spatial size \(2, 2\) is too small"),
     (dict(groups=2), r"out_channels must be divisible by groups \(2\), got 3"),
     (dict(padding_mode="mirror"), r"padding_mode must be one of .*got 'mirror'"),
     (dict(stride=0), r"stride must be an integer >= 1 or a pair of them, got 0"),

@@ -11,7 +11,8 @@ import os
 import keras
 import numpy as np
 
-from doconv_core import DOConvParams, crosscheck
+from doconv_core import DOConvParams
+from doconv_core.testing import crosscheck
 from doconv_tf import DOConv2D
 from kutils import BACKEND, float64, gradients, to_keras, to_nchw
 from test_reference import keras_reason

@@ -11,7 +11,7 @@ import keras
 
 import doconv_core
 from doconv_core import DOConvParams
-from doconv_core.cases import property_cases
+from doconv_core.testing.cases import property_cases
 from doconv_tf import DOConv2D
 from kutils import (expect_channels_first_refusal, float64, gradients, keras_layer_kind,
                     to_keras, to_nchw)

@@ -10,7 +10,8 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd
 
-from doconv_core import DOConvParams, crosscheck
+from doconv_core import DOConvParams
+from doconv_core.testing import crosscheck
 from doconv_mx import DOConv2D
 from mx_helpers import gluon_padding
 

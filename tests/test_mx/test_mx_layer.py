@@ -21,7 +21,7 @@ from strategies import input_shape_for, layer_specs
 
 import doconv_core
 import doconv_mx
-from doconv_core.cases import property_cases
+from doconv_core.testing.cases import property_cases
 from doconv_mx import DOConv2D
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,8 @@ import os
 import numpy as np
 import torch
 
-from doconv_core import DOConvParams, crosscheck
+from doconv_core import DOConvParams
+from doconv_core.testing import crosscheck
 from doconv_torch import DOConv2d
 
 FRAMEWORK = "torch"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import doconv_core as dc
-from doconv_core.cases import property_cases
+from doconv_core.testing.cases import property_cases
 from doconv_core import CheckpointError
 from doconv_torch import (DOConv2d, convert, doconv_layers, export_params, fuse, import_params,
                           load_legacy_state_dict)

@@ -12,7 +12,7 @@ from torch.autograd import gradcheck
 from torch.func import functional_call
 
 import doconv_core as dc
-from doconv_core.cases import property_cases
+from doconv_core.testing.cases import property_cases
 from strategies import input_shape_for, layer_specs
 from torch_helpers import TOL, layer_for, tensor
 

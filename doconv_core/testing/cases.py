@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from .spec import PADDING_MODES, ConvSpec
+from ..spec import PADDING_MODES, ConvSpec
 
 GROUP_KINDS = ("one", "between", "depthwise", "depthwise_multiplier")
 KERNEL_SIZES = ((1, 1), (3, 3), (5, 5), (1, 3), (3, 1))

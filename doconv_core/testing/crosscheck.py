@@ -1,7 +1,7 @@
 """Cross-framework equivalence through files.
 
 No environment holds all three frameworks, so each framework's test env runs its
-adapter on the fixed case set (``doconv_core.cases.property_cases``) and writes, per
+adapter on the fixed case set (``doconv_core.testing.cases.property_cases``) and writes, per
 case and dtype, the output, the composed kernel and the gradients of a fixed loss
 ``sum(y * R)`` (R seeded per case) to ``<artifacts>/<framework>.npz``, everything in
 the canonical layout (NCHW data, OIHW kernel, D and W as in doconv-math.md). The
@@ -9,7 +9,7 @@ the canonical layout (NCHW data, OIHW kernel, D and W as in doconv-math.md). The
 other, and fails on any error above tolerance, on missing artifacts, or on artifacts
 made from another case set.
 
-    python -m doconv_core.crosscheck --artifacts DIR [--frameworks torch,keras-tf,...]
+    python -m doconv_core.testing.crosscheck --artifacts DIR [--frameworks torch,keras-tf,...]
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .cases import Case, digest, property_cases
-from .spec import ConvSpec
-from .compose import compose_kernel
-from .params import CheckpointError, DOConvParams, load_params
-from .reference import doconv2d, doconv2d_vjp
+from ..spec import ConvSpec
+from ..compose import compose_kernel
+from ..params import CheckpointError, DOConvParams, load_params
+from ..reference import doconv2d, doconv2d_vjp
 
 FIELDS = ("output", "kernel", "grad_x", "grad_D", "grad_W", "grad_bias")
 DTYPES = ("float32", "float64")
