@@ -6,9 +6,14 @@ built with -ffp-contract=fast (float64 within 1e-12, float32 within 1e-5 relativ
 """
 
 import os
+import re
+import shlex
 import shutil
 import stat
+import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -237,10 +242,15 @@ def test_default_cache_dir_is_outside_the_repository(monkeypatch):
     assert REPO not in directory.parents and directory != REPO
 
 
+def built_files(directory):
+    """The cache directory's entries but its lock file (libraries, or leftovers)."""
+    return sorted(p for p in directory.iterdir() if p.name != _ckernel.LOCK_NAME)
+
+
 def test_compiles_into_a_new_private_directory(fresh):
     assert _ckernel.backend().name == "c"
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
-    libraries = list(fresh.iterdir())
+    libraries = built_files(fresh)
     assert len(libraries) == 1 and libraries[0].suffix == ".so", libraries  # no leftovers
     assert stat.S_IMODE(libraries[0].stat().st_mode) == 0o700
 
@@ -285,7 +295,7 @@ def test_a_symlinked_cache_directory_is_not_used(fresh, tmp_path):
 
 def test_a_planted_library_others_can_write_is_not_loaded(fresh):
     assert _ckernel.backend().name == "c"
-    (library,) = fresh.iterdir()
+    (library,) = built_files(fresh)
     library.chmod(0o777)  # as if someone else could have replaced it
     _ckernel._reset()
     with pytest.raises(RuntimeError, match="is not a private regular file"):
@@ -299,3 +309,216 @@ def test_a_library_with_another_abi_is_refused(fresh, monkeypatch):
     fresh.mkdir(mode=0o700)
     with pytest.raises(RuntimeError, match="has ABI 99, expected 8"):
         _ckernel._compile_and_load(source, fresh)
+
+
+# -- the build's loose ends: $CC with arguments, one build at a time, no leftovers, and a
+# cache directory that no one else can swap from above ----------------------------------
+needs_posix_cc = pytest.mark.skipif(
+    sys.platform != "linux" or shutil.which("cc") is None or shutil.which("sh") is None,
+    reason="needs Linux, cc and sh")
+
+
+def compiler_script(path, body):
+    """An executable sh script: a stand-in for a compiler or a compiler wrapper."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def logging_cc(path, log, delay=0, wrap=True):
+    """A compiler wrapper that logs each compile to ``log``: as ccache, it runs the command
+    it is given (``wrap``), or else the real compiler (the test environment's $CC, or cc)."""
+    real = '"$@"' if wrap else os.environ.get("CC", "cc") + ' "$@"'
+    return compiler_script(path, f'echo "$*" >> {shlex.quote(str(log))}\n'
+                                 f'sleep {delay}\nexec {real}\n')
+
+
+def worker_env(cache, **env):
+    return {**os.environ, "DOCONV_CKERNEL": "1", "DOCONV_CACHE_DIR": str(cache), **env}
+
+
+@needs_posix_cc
+def test_a_cc_with_arguments_is_split_like_a_shell_would(fresh, monkeypatch, tmp_path):
+    log = tmp_path / "cc.log"
+    wrapper = shlex.quote(str(logging_cc(tmp_path / "my tools" / "log-cc", log)))  # a space
+    monkeypatch.setenv("CC", f"{wrapper} {os.environ.get('CC', 'cc')}")  # CC="ccache gcc"
+    backend = _ckernel.backend()
+    assert backend.name == "c" and f"({wrapper} " in backend.detail, backend
+    assert log.read_text().count("\n") == 1
+
+
+@pytest.mark.parametrize("cc, reason", [
+    ("no-such-ccache cc", r"C compiler \$CC='no-such-ccache cc' could not run: .*no-such-ccache"),
+    ("'cc", r"""\$CC="'cc" is not a valid command line \(No closing quotation\)"""),
+    (" ", r"\$CC=' ' names no compiler"),
+    ("false", r"did not compile with \$CC='false' and any flag set: -O3 .*: exit status 1"),
+], ids=["not-found", "bad-quoting", "blank", "fails"])
+def test_an_unusable_cc_is_named_in_the_error_warning_and_backend(fresh, monkeypatch, cc,
+                                                                   reason):
+    if cc == "false" and shutil.which("false") is None:
+        pytest.skip("no false(1)")
+    monkeypatch.setenv("CC", cc)
+    with pytest.raises(RuntimeError, match="DOCONV_CKERNEL=1 but .*" + reason):
+        _ckernel.backend()
+    monkeypatch.setenv("DOCONV_CKERNEL", "auto")
+    _ckernel._reset()
+    with pytest.warns(RuntimeWarning, match=reason):
+        backend = _ckernel.backend()
+    assert backend.name == "einsum" and re.search(reason, backend.detail), backend
+    assert built_files(fresh) == []  # every failed build removed its temporary directory
+
+
+RANK = textwrap.dedent("""
+    import os, sys, time
+    from doconv_torch import _ckernel
+    open(sys.argv[1], "w").close()  # ready: torch imported
+    while not os.path.exists(sys.argv[2]):  # go: all at once
+        time.sleep(0.01)
+    print(_ckernel.backend().detail)
+""")
+
+
+@needs_posix_cc
+@pytest.mark.skipif(_ckernel.fcntl is None, reason="no fcntl")
+def test_concurrent_processes_build_once_and_all_load_it(fresh, tmp_path):
+    log, go = tmp_path / "cc.log", tmp_path / "go"
+    env = worker_env(fresh, CC=str(logging_cc(tmp_path / "log-cc", log, 1, wrap=False)))
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(tmp_path / f"ready{i}"), str(go)],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+            assert all(rank.poll() is None for rank in ranks), "a rank died before the build"
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.05)
+        go.touch()
+        outputs = [rank.communicate(timeout=300) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert [rank.returncode for rank in ranks] == [0, 0, 0], outputs
+    details = {stdout.strip() for stdout, _ in outputs}
+    assert len(details) == 1 and ".so (" in details.pop(), outputs  # the same library
+    assert log.read_text().count("\n") == 1, log.read_text()  # one compile, not three
+    assert len(built_files(fresh)) == 1, built_files(fresh)
+
+
+@needs_posix_cc
+@pytest.mark.parametrize("signal_name", ["KILL", "INT"])
+def test_a_build_killed_midway_leaves_nothing_behind(fresh, tmp_path, signal_name):
+    """SIGINT: the build's own cleanup runs. SIGKILL: nothing runs, so the next build removes
+    what the dead process left."""
+    killer = compiler_script(tmp_path / "killer-cc", f'kill -{signal_name} "$PPID"\nsleep 5\n')
+    # default_int_handler: SIGINT raises KeyboardInterrupt even where the parent ignores it.
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from doconv_torch import _ckernel; _ckernel.backend()")
+    build = subprocess.run([sys.executable, "-c", code], env=worker_env(fresh, CC=str(killer)),
+                           cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    if signal_name == "KILL":
+        assert build.returncode == -9, build.stderr
+        (left,) = built_files(fresh)  # what a killed build leaves: its temporary directory
+        assert left.name.startswith("tmp") and left.is_dir()
+        assert _ckernel.backend().name == "c"  # the next build, in this process
+        (library,) = built_files(fresh)
+        assert library.suffix == ".so"
+    else:
+        assert "KeyboardInterrupt" in build.stderr, build.stderr
+        assert built_files(fresh) == []
+
+
+def test_stale_build_directories_are_removed_and_live_ones_kept(fresh):
+    fresh.mkdir(mode=0o700)
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True, timeout=60,
+                                  check=True).stdout)
+    now = time.time()
+    paths = {}
+    for name, pid, tag, age in (("dead", dead_pid, None, 0), ("live", os.getpid(), None, 0),
+                                ("old", os.getpid(), None, 7200),
+                                ("other-host", dead_pid, "0" * 8, 0),
+                                ("legacy-old", None, None, 7200),
+                                ("legacy-new", None, None, 0)):
+        if pid is None:
+            path = fresh / f"tmp{name[-3:]}_2345"  # tempfile's names, of earlier versions
+        elif tag is None:
+            path = fresh / f"{_ckernel._temp_prefix(pid)}{name}"
+        else:
+            path = fresh / f"tmp-{tag}-{pid}-{name}"
+        path.mkdir()
+        (path / "compose.c").write_text("")
+        os.utime(path, (now - age, now - age))
+        paths[name] = path
+    (fresh / "notes.txt").write_text("not ours to remove")
+    _ckernel._remove_stale(fresh, check_pids=True)
+    kept = {name for name, path in paths.items() if path.exists()}
+    # Another host's PID says nothing here; only age removes its directories.
+    assert kept == {"live", "other-host", "legacy-new"}
+    assert (fresh / "notes.txt").exists()
+
+
+@pytest.fixture
+def under(monkeypatch, tmp_path):
+    """Use a cache directory under tmp_path/<parent>, decided afresh."""
+    def use(parent, *below):
+        cache = Path(tmp_path, parent, *below, "doconv")
+        monkeypatch.setenv("DOCONV_CACHE_DIR", str(cache))
+        _ckernel._reset()
+        return cache
+    return use
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX owners and modes")
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702], ids=oct)
+@pytest.mark.parametrize("route", ["parent", "grandparent", "symlink"])
+def test_a_cache_under_a_directory_others_can_write_is_refused(tmp_path, under, mode, route):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    if route == "parent":
+        cache = under("shared")
+    elif route == "grandparent":
+        (shared / "mine").mkdir(mode=0o700)
+        cache = under("shared", "mine", "not-yet")
+    else:
+        (tmp_path / "link").symlink_to(shared)
+        cache = under("link")
+    reason = (f"cache directory {cache} is not safe: {shared} has mode {mode:04o}, "
+              "expected no group/other write unless sticky")
+    with pytest.raises(RuntimeError, match="DOCONV_CKERNEL=1 but .*" + re.escape(reason)):
+        _ckernel.backend()
+    assert not cache.exists() and not (shared / "mine" / "not-yet").exists()  # nor created
+
+
+@needs_posix_cc
+def test_a_cache_under_a_sticky_directory_is_used(tmp_path, under):
+    shared = tmp_path / "sticky"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    (tmp_path / "link").symlink_to(shared)
+    cache = under("link", "made")
+    assert _ckernel.backend().name == "c"
+    assert stat.S_IMODE((shared / "made").stat().st_mode) == 0o700  # missing parents: private
+    assert len(built_files(cache)) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0,
+                    reason="root makes files of another owner")
+@pytest.mark.parametrize("what", ["directory", "symlink"])
+def test_a_cache_under_a_directory_of_another_user_is_refused(tmp_path, under, what):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    if what == "directory":
+        os.chown(theirs, 12345, 12345)
+        cache = under("theirs")
+        reason = f"{theirs} is owned by uid 12345, expected uid 0 or root"
+    else:
+        os.symlink(theirs, tmp_path / "their-link")
+        os.lchown(tmp_path / "their-link", 12345, 12345)
+        cache = under("their-link")
+        reason = f"symlink {tmp_path / 'their-link'} is owned by uid 12345, expected uid 0 or root"
+    with pytest.raises(RuntimeError, match=re.escape(f"{cache} is not safe: {reason}")):
+        _ckernel.backend()
+    assert not (theirs / "doconv").exists()
