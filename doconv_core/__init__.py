@@ -32,6 +32,7 @@ from .legacy import LegacyImport, import_legacy_gluon, import_legacy_tf, import_
 from .params import (
     FORMAT_VERSION,
     CheckpointError,
+    assignable_params,
     DOConvParams,
     checkpoint_array,
     load_params,
@@ -46,7 +47,7 @@ from .reference import (
     doconv2d_vjp,
     pad_input,
 )
-from .selection import Include, layer_filter, nothing_to_convert
+from .selection import Include, layer_filter, nothing_to_convert, nothing_to_fuse
 from .spec import PADDING_MODES, ConvSpec, check_D_mul, check_int, check_pair, check_padding
 
 __version__ = "0.1.0"
@@ -59,5 +60,6 @@ __all__ = [
     "DOConvParams", "save_params", "load_params", "match_layers", "CheckpointError", "FORMAT_VERSION",
     "checkpoint_array", "prepare_import", "prepare_legacy", "check_state_keys",
     "LegacyLoadReport", "ROOT_NAME", "Include", "layer_filter", "nothing_to_convert",
+    "nothing_to_fuse", "assignable_params",
     "LegacyImport", "import_legacy_torch", "import_legacy_tf", "import_legacy_gluon",
 ]

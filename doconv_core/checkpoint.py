@@ -155,6 +155,9 @@ def prepare_legacy(weights: Mapping[str, Any], layers: Mapping[str, ConvSpec], *
         for part in names + tuple(aliases):
             if prefix + part in remaining:
                 parts[aliases.get(part, part)] = to_array(remaining.pop(prefix + part))
+        if parts and names[0] not in parts:
+            raise CheckpointError(f"{source} has no {prefix + names[0]!r} for layer "
+                                  f"{name or ROOT_NAME!r}")
         if not parts:
             if strict:
                 raise CheckpointError(f"{source} has no {prefix + names[0]!r} for layer "

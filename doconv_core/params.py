@@ -85,6 +85,23 @@ class DOConvParams:
 ParamsMapping = Mapping[str, DOConvParams]
 
 
+def assignable_params(params: Any, spec: ConvSpec) -> DOConvParams:
+    """``params`` checked for a layer with ``spec``, as every adapter's ``set_params`` does
+    before it changes anything: DOConvParams describing the same function, with real
+    floating-point arrays of the layer's shapes (a ValueError naming what is wrong). Returns
+    them with the layer's spec."""
+    if not isinstance(params, DOConvParams):
+        raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
+    if not params.spec.same_function(spec):
+        raise ValueError(f"params.spec must describe this layer's function, {spec}; "
+                         f"got {params.spec}")
+    arrays = {name: None if array is None else checkpoint_array(name, array)
+              for name, array in (("W", params.W), ("D", params.D), ("bias", params.bias))}
+    if spec.in_channels is None:
+        spec = spec.with_in_channels(params.spec.in_channels)
+    return DOConvParams(spec, arrays["W"], arrays["D"], arrays["bias"])
+
+
 def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, ParamsMapping]) -> None:
     """Write one layer or a {name: DOConvParams} mapping to an ``.npz`` file."""
     if isinstance(layers, DOConvParams):
@@ -112,6 +129,15 @@ def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, Param
 def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
     """Read a file written by ``save_params``; every problem is a CheckpointError."""
     where = repr(os.fspath(path))
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as error:
+        raise CheckpointError(f"{where} is not a readable .npz file: {error}") from None
+    if not magic.startswith((b"PK", b"\x93NUMPY")):
+        # np.load would try it as a pickle and blame allow_pickle: say what it is instead.
+        raise CheckpointError(f"{where} is not an .npz file (a zip archive); it starts with "
+                              f"{magic!r}")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:

@@ -37,3 +37,8 @@ def nothing_to_convert(model: Any, kinds: str, include: Include) -> ValueError:
     which = "" if include is None else f" that include={include!r} selects"
     return ValueError(f"convert found no {kinds}{which} in {type(model).__name__}; "
                       "nothing would change")
+
+
+def nothing_to_fuse(model: Any, kind: str) -> str:
+    """The warning ``fuse`` gives for a model without DO-Conv layers (it returns a copy)."""
+    return f"fuse found no {kind} in {type(model).__name__}; it returns an unchanged copy"

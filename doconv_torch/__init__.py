@@ -2,11 +2,13 @@
 
 Train with DO-Conv, then ``fuse`` back to plain nn.Conv2d for deployment::
 
-    model = doconv_torch.convert(model)      # identical outputs, extra trainable D
+    model = doconv_torch.convert(model)      # a copy: identical outputs, extra trainable D
     ...                                      # train
-    plain = doconv_torch.fuse(model)         # plain nn.Conv2d, loads into the original model
+    plain = doconv_torch.fuse(model)         # a copy with plain nn.Conv2d; loads into the
+                                             # original architecture
 
-The math lives in ``doconv_core``; this package converts layouts and calls it.
+The public API is the one every adapter offers (``doconv_core.testing.api``). The math
+lives in ``doconv_core``; this package converts layouts and calls it.
 """
 
 from ._ckernel import backend as composition_backend
@@ -18,8 +20,8 @@ from .model import (
     export_params,
     fuse,
     import_params,
-    load_legacy_state_dict,
+    load_legacy,
 )
 
-__all__ = ["DOConv2d", "composition_backend", "convert", "fuse", "doconv_layers", "export_params", "import_params",
-           "load_legacy_state_dict", "LegacyLoadReport"]
+__all__ = ["DOConv2d", "convert", "fuse", "doconv_layers", "export_params", "import_params",
+           "load_legacy", "LegacyLoadReport", "composition_backend"]

@@ -40,8 +40,8 @@ def einsum_compose(W: Tensor, D: Tensor, groups: int, M: int, N: int) -> Tensor:
     Wg = W.reshape(groups, out_channels // groups, in_per_group, D_mul)
     Dg = (D + identity_pattern(mn, D_mul, D.dtype, D.device)).reshape(
         groups, in_per_group, mn, D_mul)
-    # einsum returns a permuted view; a convolution with a non-contiguous weight runs over
-    # twice as slow (measured: 512 channels, 7x7), so lay the kernel out once.
+    # einsum returns a permuted view; a convolution with a non-contiguous weight is slower,
+    # so lay the kernel out once.
     return torch.einsum("gois,gims->goim", Wg, Dg).reshape(
         out_channels, in_per_group, M, N).contiguous()
 
@@ -121,9 +121,9 @@ _compose_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerCompose(torch.autograd.Function):
     """The operator's CPU C-kernel path and autograd formula, called directly.
 
-    Eager training calls the composition twice per layer and step; going through the
-    dispatcher and the registered autograd costs about four times the C kernel's own time
-    on a small layer (docs/benchmarks.md). Same kernels, same formulas, same results.
+    Eager training calls the composition twice per layer and step, and going through the
+    dispatcher and the registered autograd costs more than the C kernel itself on a small
+    layer (docs/benchmarks.md). Same kernels, same formulas, same results.
     """
 
     @staticmethod

@@ -1,6 +1,7 @@
 """DOConv2d: a drop-in replacement for torch.nn.Conv2d (math: doconv_core, doconv-math.md)."""
 
 # No `from __future__ import annotations` here: TorchScript reads this module's annotations.
+import dataclasses
 import math
 from typing import Any, List, Optional, Tuple, Union
 
@@ -95,16 +96,10 @@ class DOConv2d(nn.Module):
         # Read by code that inspects conv attributes generically.
         self.transposed = False
         self.output_padding = (0, 0)
-        # nn.Conv2d's F.pad argument for the non-zero padding modes (and 'same').
-        pads = [0, 0, 0, 0]
-        if spec.padding == "same":
-            for index, (k, d) in enumerate(zip(spec.kernel_size, spec.dilation)):
-                total = d * (k - 1)
-                pads[2 - 2 * index] = total // 2
-                pads[3 - 2 * index] = total - total // 2
-        elif spec.padding != "valid":
-            pads = [spec.padding[1], spec.padding[1], spec.padding[0], spec.padding[0]]
-        self._reversed_padding_repeated_twice = pads
+        # nn.Conv2d's F.pad argument for the non-zero padding modes (and 'same'):
+        # (left, right, top, bottom), from the core's fixed padding.
+        (top, bottom), (left, right) = spec.fixed_padding()
+        self._reversed_padding_repeated_twice = [left, right, top, bottom]
 
         self.W = nn.Parameter(torch.empty(spec.W_shape, **factory))
         if spec.has_D:
@@ -122,8 +117,7 @@ class DOConv2d(nn.Module):
     def reset_parameters(self) -> None:
         """W and bias as nn.Conv2d initialises weight and bias (same fan-in), D = 0."""
         # The fan-in of the equivalent (C_out, C_in/g, M, N) kernel, not of W's own shape.
-        fan_in, _ = init._calculate_fan_in_and_fan_out(
-            torch.empty(self._spec.kernel_shape, device="meta"))
+        fan_in = self._spec.fan_in
         # kaiming_uniform_(a=sqrt(5))'s own arithmetic, so D_mul = M*N draws nn.Conv2d's weight.
         std = init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
         bound = math.sqrt(3.0) * std
@@ -333,26 +327,25 @@ class DOConv2d(nn.Module):
         layer.to_empty(device=torch.get_default_device() if device is None else device)
         return layer
 
-    def _load_arrays(self, D: Optional[np.ndarray], W: np.ndarray,
-                     bias: Optional[np.ndarray]) -> None:
-        with torch.no_grad():
-            for param, array in ((self.W, W), (self.D, D), (self.bias, bias)):
-                if param is not None:
-                    param.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+    @torch.jit.unused
+    def _on_meta(self) -> bool:
+        """Whether a parameter is on the meta device (values copied there are dropped)."""
+        return any(param.is_meta for param in self.parameters(recurse=False))
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, D_mul: Optional[int] = None) -> "DOConv2d":
         """The DO-Conv layer computing exactly what ``conv`` computes (D = 0, W embeds it)."""
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        mn = conv.kernel_size[0] * conv.kernel_size[1]
         spec = ConvSpec(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                        conv.padding_mode, D_mul=D_mul if mn > 1 else None)
+                        conv.padding_mode)
+        if spec.has_D:  # D_mul applies to kernels with a D; a 1x1 conv has none
+            spec = dataclasses.replace(spec, D_mul=D_mul)
         D, W = doconv_core.embed_kernel(_numpy(conv.weight), groups=spec.groups,
                                         D_mul=spec.D_mul)
         layer = cls._uninitialized(spec, conv.weight.device, conv.weight.dtype)
-        layer._load_arrays(D, W, _numpy(conv.bias))
+        layer.set_params(DOConvParams(spec, W, D, _numpy(conv.bias)))
         layer.W.requires_grad_(conv.weight.requires_grad)
         if layer.D is not None:
             layer.D.requires_grad_(conv.weight.requires_grad)
@@ -362,7 +355,9 @@ class DOConv2d(nn.Module):
         return layer
 
     def fuse(self) -> nn.Conv2d:
-        """The plain nn.Conv2d with the composed kernel: same outputs, a plain conv's cost."""
+        """The plain nn.Conv2d with the composed kernel: same outputs, a plain conv's cost.
+        Its weight takes W's requires_grad, its bias the bias'; device, dtype and training
+        mode are the layer's."""
         with torch.no_grad():
             kernel = self._compose_eager()  # the forward's own computation, bit for bit
             conv = nn.utils.skip_init(
@@ -372,6 +367,9 @@ class DOConv2d(nn.Module):
             conv.weight.copy_(kernel)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
+        conv.weight.requires_grad_(self.W.requires_grad)
+        if self.bias is not None:
+            conv.bias.requires_grad_(self.bias.requires_grad)
         conv.train(self.training)
         return conv
 
@@ -386,5 +384,23 @@ class DOConv2d(nn.Module):
         if not isinstance(params, DOConvParams):
             raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
         layer = cls._uninitialized(params.spec, device, dtype)
-        layer._load_arrays(params.D, params.W, params.bias)
+        layer.set_params(params)
         return layer
+
+    def set_params(self, params: DOConvParams) -> None:
+        """Load ``params`` (from any adapter's ``to_params`` or a .npz file) into this layer.
+
+        ``params.spec`` must describe this layer's function and the arrays must have its
+        shapes and a floating-point dtype; everything is checked before any parameter
+        changes. The values are cast to the layer's dtype and device; requires_grad stays.
+        """
+        params = doconv_core.assignable_params(params, self._spec)
+        arrays = {"D": params.D, "W": params.W, "bias": params.bias}
+        if self._on_meta():
+            raise ValueError("set_params cannot fill a layer on the meta device; materialise "
+                             "it (layer.to_empty(device=...)) first")
+        with torch.no_grad():
+            for name, array in arrays.items():
+                param = getattr(self, name)
+                if param is not None:
+                    param.copy_(torch.from_numpy(np.ascontiguousarray(array)))

@@ -1,26 +1,26 @@
-"""Whole-model operations: convert, fuse, portable export/import, legacy checkpoints."""
+"""Whole-model operations: convert, fuse, portable export/import, legacy checkpoints.
+
+``convert`` and ``fuse`` return a new model and leave the given one as it was (as in every
+adapter); which layers ``convert`` picks follows ``doconv_core.layer_filter``.
+"""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 import doconv_core
-from doconv_core import CheckpointError, LegacyImport, check_int
+from doconv_core import ROOT_NAME, CheckpointError, Include, LegacyLoadReport, check_int
 
 from .layer import DOConv2d
 
-__all__ = ["convert", "fuse", "export_params", "import_params", "load_legacy_state_dict",
+__all__ = ["convert", "fuse", "doconv_layers", "export_params", "import_params", "load_legacy",
            "LegacyLoadReport"]
-
-Include = Callable[[str, nn.Module], bool]
-ROOT_NAME = "layer"  # the container's name for a model that is itself one layer
 
 
 def _walk(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
@@ -42,21 +42,33 @@ def _walk(model: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
     return visit("", model)
 
 
-def _replace(model: nn.Module, pick: Callable[[str, nn.Module], bool],
-             make: Callable[[str, nn.Module], nn.Module]) -> nn.Module:
-    """Swap every picked module; all replacements are built before the model changes."""
+def _replaced(model: nn.Module, pick: Callable[[str, nn.Module], bool],
+              make: Callable[[str, nn.Module], nn.Module]) -> Optional[nn.Module]:
+    """A copy of ``model`` with every picked module swapped for ``make``'s result, or None
+    when nothing is picked. ``pick`` sees the given model's own modules (once each place
+    they are held); the given model is not changed, and all replacements are built before
+    the copy changes."""
     if pick("", model):
         return make("", model)
+    picked = [(index, name) for index, (_, _, name, child) in enumerate(_walk(model))
+              if pick(name, child)]
+    if not picked:
+        return None
+    result = copy.deepcopy(model)  # keeps sharing: both walks see the same structure
+    places = list(_walk(result))
     made: dict[int, nn.Module] = {}  # a module shared in two places stays shared
     swaps = []
-    for parent, attribute, name, child in _walk(model):
-        if pick(name, child):
-            if id(child) not in made:
-                made[id(child)] = make(name, child)
-            swaps.append((parent, attribute, made[id(child)]))
+    for index, picked_name in picked:
+        parent, attribute, name, child = places[index]
+        if name != picked_name:
+            raise RuntimeError(f"copy.deepcopy changed {type(model).__name__}'s module "
+                               f"structure ({picked_name!r} became {name!r})")
+        if id(child) not in made:
+            made[id(child)] = make(name, child)
+        swaps.append((parent, attribute, made[id(child)]))
     for parent, attribute, replacement in swaps:
         setattr(parent, attribute, replacement)
-    return model
+    return result
 
 
 def _check_model(model: Any) -> None:
@@ -64,26 +76,27 @@ def _check_model(model: Any) -> None:
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def convert(model: nn.Module, *, D_mul: Optional[int] = None, include: Optional[Include] = None,
-            inplace: bool = False) -> nn.Module:
-    """Replace nn.Conv2d modules by DOConv2d layers computing exactly the same function.
+def convert(model: nn.Module, *, include: Include = None,
+            D_mul: Optional[int] = None) -> nn.Module:
+    """A copy of ``model`` whose nn.Conv2d modules are DOConv2d layers computing exactly the
+    same function; ``model`` is not changed.
 
     Only modules whose type is exactly nn.Conv2d are converted: subclasses (a materialised
     LazyConv2d is plain nn.Conv2d; QAT, parametrized or custom-forward convs are not) may
-    compute something else, and DOConv2d itself is never touched. ``include(name, module)``
-    picks among them (name as in named_modules(), "" for the model itself). ``D_mul``
-    applies to kernels with M*N > 1; 1x1 convs have no D. Returns a copy unless ``inplace``.
+    compute something else, and DOConv2d itself is never touched. ``include`` picks among
+    them (``doconv_core.layer_filter``): None for all, layer-name patterns, or a callable
+    ``(name, module) -> bool`` given the model's own modules (name as in named_modules(),
+    "" for the model itself). A ValueError when nothing is picked. ``D_mul`` applies to
+    kernels with M*N > 1; 1x1 convs have no D. Each layer keeps the conv's device, dtype,
+    training mode and requires_grad (the weight's goes to W and D, the bias keeps its own).
     """
     _check_model(model)
     if D_mul is not None:
         D_mul = check_int("D_mul", D_mul)
-    if include is not None and not callable(include):
-        raise ValueError(f"include must be a callable (name, module) -> bool, got {include!r}")
-    if not isinstance(inplace, bool):
-        raise ValueError(f"inplace must be True or False, got {inplace!r}")
+    keep = doconv_core.layer_filter(include)
 
     def pick(name: str, module: nn.Module) -> bool:
-        return type(module) is nn.Conv2d and (include is None or bool(include(name, module)))
+        return type(module) is nn.Conv2d and keep(name, module)
 
     def make(name: str, conv: nn.Module) -> nn.Module:
         try:
@@ -91,20 +104,27 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, include: Optional[
         except ValueError as error:
             raise ValueError(f"cannot convert {name or 'the model'!r}: {error}") from None
 
-    return _replace(model if inplace else copy.deepcopy(model), pick, make)
+    result = _replaced(model, pick, make)
+    if result is None:
+        raise doconv_core.nothing_to_convert(model, "nn.Conv2d", include)
+    return result
 
 
-def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every DOConv2d by its fused nn.Conv2d (a copy unless ``inplace``).
+def fuse(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every DOConv2d replaced by its fused nn.Conv2d; ``model`` is
+    not changed. A model without DOConv2d gives a warning and an unchanged copy.
 
-    The result's state_dict loads into the same architecture built with nn.Conv2d.
+    The result's state_dict loads into the same architecture built with nn.Conv2d. Each
+    fused conv takes W's requires_grad for its weight and the bias' for its bias.
     """
     _check_model(model)
-    if not isinstance(inplace, bool):
-        raise ValueError(f"inplace must be True or False, got {inplace!r}")
-    return _replace(model if inplace else copy.deepcopy(model),
-                    lambda name, module: isinstance(module, DOConv2d),
-                    lambda name, layer: layer.fuse())
+    result = _replaced(model, lambda name, module: isinstance(module, DOConv2d),
+                       lambda name, layer: layer.fuse())
+    if result is None:
+        warnings.warn(doconv_core.nothing_to_fuse(model, "DOConv2d"), UserWarning,
+                      stacklevel=2)
+        return copy.deepcopy(model)
+    return result
 
 
 def doconv_layers(model: nn.Module) -> dict[str, DOConv2d]:
@@ -134,101 +154,70 @@ def import_params(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     prepared = doconv_core.prepare_import(path, {name: layer.spec
                                                  for name, layer in layers.items()})
     for name, layer in layers.items():
-        params = prepared[name].params
-        layer._load_arrays(params.D, params.W, params.bias)
+        layer.set_params(prepared[name].params)
     return sorted(layers)
 
 
 def _check_ready(layers: Mapping[str, DOConv2d], source: str) -> None:
     """CheckpointError unless every layer can take values: a meta-device parameter would
     silently ignore them."""
-    on_meta = sorted(name for name, layer in layers.items()
-                     if any(param.is_meta for param in layer.parameters(recurse=False)))
+    on_meta = sorted(name for name, layer in layers.items() if layer._on_meta())
     if on_meta:
         raise CheckpointError(f"cannot load {source}: layers {on_meta} are on the meta device; "
                               "materialise them (model.to_empty(device=...)) first")
 
 
-@dataclasses.dataclass
-class LegacyLoadReport:
-    """What ``load_legacy_state_dict`` did, per DO-Conv layer and for the remaining keys."""
-
-    layers: dict[str, LegacyImport]
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-    @property
-    def exact(self) -> list[str]:
-        """Layers holding the original parameters (at most with D's channels permuted)."""
-        return [name for name, result in self.layers.items() if result.exact]
-
-    @property
-    def function_preserving(self) -> list[str]:
-        """Grouped layers whose original kernel was embedded (same function, D restarts)."""
-        return [name for name, result in self.layers.items() if not result.exact]
+_SOURCE = "the legacy checkpoint"
 
 
-_LEGACY_PARTS = ("W", "D", "d_diag", "D_diag", "bias")
-
-
-def load_legacy_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *,
-                           strict: bool = True) -> LegacyLoadReport:
+def load_legacy(model: nn.Module, weights: Mapping[str, Any], *,
+                strict: bool = True) -> LegacyLoadReport:
     """Load a state_dict saved with the paper authors' original PyTorch DOConv2d.
 
     ``model`` (one DOConv2d or a model holding them) is built with this package's layers
     and the original settings (note the original DOConv2d defaulted to bias=False and took
-    D_mul as its 4th positional argument). Each layer's ``W``, ``D``, ``d_diag`` (or ``D_diag``) and
-    ``bias`` go through doconv_core.import_legacy_torch; other keys (BatchNorm, ...) load
-    as they are. Grouped layers whose original channel mapping differs from the paper's
-    load function-preservingly (see the report). Loading is all-or-nothing as with
-    ``model.load_state_dict(strict=strict)``.
+    D_mul as its 4th positional argument). Each layer's ``W``, ``D``, ``d_diag`` (or
+    ``D_diag``) and ``bias`` go through ``doconv_core.prepare_legacy`` (layout
+    "torch-legacy"); other keys (BatchNorm, ...) load as they are, through
+    ``load_state_dict``. Grouped layers whose original channel mapping differs from the
+    paper's load function-preservingly (see the report). Everything is checked before
+    anything changes, with ``strict`` as in ``model.load_state_dict(strict=strict)``.
     """
     _check_model(model)
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-    if not isinstance(strict, bool):
-        raise ValueError(f"strict must be True or False, got {strict!r}")
-    source = "the legacy state_dict"
-    remaining = dict(state_dict)
-    targets: dict[str, DOConv2d] = {}
-    stored: dict[str, dict[str, Any]] = {}
-    prefixes: dict[str, str] = {}
-    for name, layer in doconv_layers(model).items():
-        prefix = f"{name}." if name else ""
-        parts = {part: remaining.pop(prefix + part) for part in _LEGACY_PARTS
-                 if prefix + part in remaining}
-        if not parts and not strict:
-            continue
-        if "W" not in parts:
-            raise CheckpointError(f"{source} has no {prefix + 'W'!r} for layer "
-                                  f"{name or ROOT_NAME!r}")
-        if "d_diag" in parts:  # the original's spelling wins, as before
-            parts["D_diag"] = parts.pop("d_diag")
-        stored[name or ROOT_NAME] = {part: _legacy_array(value) for part, value in parts.items()}
-        targets[name or ROOT_NAME] = layer
-        prefixes[name or ROOT_NAME] = prefix
-    _check_ready(targets, source)
-    results = doconv_core.prepare_import(
-        source, {name: layer.spec for name, layer in targets.items()}, stored,
-        layout="torch-legacy")
-    for name, result in results.items():
-        for part in ("W", "D", "bias"):
-            value = getattr(result.params, part)
-            if value is not None:
-                remaining[prefixes[name] + part] = torch.from_numpy(np.ascontiguousarray(value))
-    # Checked in full before load_state_dict, which copies what matches and only then
-    # reports what does not.
+    layers = doconv_layers(model)
+    results, remaining, _ = doconv_core.prepare_legacy(
+        weights, {name: layer.spec for name, layer in layers.items()}, layout="torch-legacy",
+        strict=strict, loads_other_keys=True, to_array=_legacy_array, source=_SOURCE)
+    loaded = {name: layer for name, layer in layers.items() if (name or ROOT_NAME) in results}
+    _check_ready({name or ROOT_NAME: layer for name, layer in loaded.items()}, _SOURCE)
+    # Checked in full before anything loads: load_state_dict copies what matches and only
+    # then reports what does not.
     not_tensors = sorted(key for key, value in remaining.items()
                          if not isinstance(value, torch.Tensor))
     if not_tensors:
-        raise CheckpointError(f"{source}: {not_tensors} must be torch.Tensor values")
+        raise CheckpointError(f"{_SOURCE}: {not_tensors} must be torch.Tensor values")
+    filled = {}  # state key -> shape, for what the DO-Conv layers take through set_params
+    for name in loaded:
+        params = results[name or ROOT_NAME].params
+        for part in ("W", "D", "bias"):
+            array = getattr(params, part)
+            if array is not None:
+                filled[f"{name}.{part}" if name else part] = array.shape
     expected = {key: None if nn.parameter.is_lazy(value) else tuple(value.shape)
                 for key, value in model.state_dict(keep_vars=True).items()}
-    doconv_core.check_state_keys(source, expected,
-                                 {key: tuple(value.shape) for key, value in remaining.items()},
-                                 strict=strict)
-    outcome = model.load_state_dict(remaining, strict=strict)
-    return LegacyLoadReport(results, list(outcome.missing_keys), list(outcome.unexpected_keys))
+    doconv_core.check_state_keys(
+        _SOURCE, expected, {**{key: tuple(value.shape) for key, value in remaining.items()},
+                            **filled}, strict=strict)
+    # Keys under a loaded DO-Conv layer are all unexpected (it holds only W, D, bias); kept
+    # from load_state_dict, where a stray ``weight`` would be embedded over W and D.
+    prefixes = tuple(f"{name}." if name else "" for name in loaded)
+    native = {key: value for key, value in remaining.items() if not key.startswith(prefixes)}
+    outcome = model.load_state_dict(native, strict=False)
+    for name, layer in loaded.items():
+        layer.set_params(results[name or ROOT_NAME].params)
+    missing = [key for key in outcome.missing_keys if key not in filled]
+    unexpected = list(outcome.unexpected_keys) + sorted(set(remaining) - set(native))
+    return LegacyLoadReport(results, missing, unexpected)
 
 
 def _legacy_array(value: Any) -> Any:

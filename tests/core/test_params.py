@@ -107,7 +107,8 @@ def test_load_never_unpickles(tmp_path):
 
 def test_load_rejects_non_npz_files(tmp_path):
     (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(dc.CheckpointError, match="is not a readable .npz file"):
+    with pytest.raises(dc.CheckpointError, match=r"is not an .npz file \(a zip archive\); "
+                                                 r"it starts with b'hello'"):
         dc.load_params(tmp_path / "text.npz")
     np.save(tmp_path / "array.npy", np.zeros(3))
     with pytest.raises(dc.CheckpointError, match="single .npy array"):

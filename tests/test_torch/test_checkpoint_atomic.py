@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from doconv_core import CheckpointError
-from doconv_torch import DOConv2d, export_params, import_params, load_legacy_state_dict
+from doconv_torch import DOConv2d, export_params, import_params, load_legacy
 from checkpoint_files import rewrite_npz as rewrite
 
 
@@ -72,11 +72,11 @@ def test_strict_legacy_load_with_an_extra_key_changes_nothing():
     state = original_state(target)
     before = snapshot(target)
     with pytest.raises(CheckpointError, match=re.escape(
-            "the legacy state_dict does not match the model (strict): missing keys [], "
+            "the legacy checkpoint does not match the model (strict): missing keys [], "
             "unexpected keys ['extra']")):
-        load_legacy_state_dict(target, dict(state, extra=torch.zeros(1)))
+        load_legacy(target, dict(state, extra=torch.zeros(1)))
     assert_unchanged(target, before)
-    report = load_legacy_state_dict(target, state)  # still usable
+    report = load_legacy(target, state)  # still usable
     assert report.unexpected_keys == [] and torch.equal(target[0].W, state["0.W"])
 
 
@@ -85,17 +85,16 @@ def test_legacy_load_with_a_bad_shape_or_dtype_changes_nothing():
     state = original_state(target)
     before = snapshot(target)
     with pytest.raises(CheckpointError, match=re.escape(
-            "the legacy state_dict: '1.running_mean' must have shape (4,) for this model, "
+            "the legacy checkpoint: '1.running_mean' must have shape (4,) for this model, "
             "got (5,)")):
-        load_legacy_state_dict(target, dict(state, **{"1.running_mean": torch.zeros(5)}),
-                               strict=False)
+        load_legacy(target, dict(state, **{"1.running_mean": torch.zeros(5)}), strict=False)
     assert_unchanged(target, before)
     with pytest.raises(CheckpointError, match=re.escape(
-            "the legacy state_dict: layer '2': W must hold floating-point numbers (float16, "
+            "the legacy checkpoint: layer '2': W must hold floating-point numbers (float16, "
             "float32 or float64), got dtype int64")):
-        load_legacy_state_dict(target, dict(state, **{"2.W": state["2.W"].long()}))
+        load_legacy(target, dict(state, **{"2.W": state["2.W"].long()}))
     assert_unchanged(target, before)
     with pytest.raises(CheckpointError, match=re.escape(
-            "the legacy state_dict: ['1.weight'] must be torch.Tensor values")):
-        load_legacy_state_dict(target, dict(state, **{"1.weight": [1.0] * 4}))
+            "the legacy checkpoint: ['1.weight'] must be torch.Tensor values")):
+        load_legacy(target, dict(state, **{"1.weight": [1.0] * 4}))
     assert_unchanged(target, before)

@@ -13,7 +13,7 @@ import doconv_core as dc
 from doconv_core.testing.cases import property_cases
 from doconv_core import CheckpointError
 from doconv_torch import (DOConv2d, convert, doconv_layers, export_params, fuse, import_params,
-                          load_legacy_state_dict)
+                          load_legacy)
 
 
 class Block(nn.Module):
@@ -92,7 +92,7 @@ def test_convert_train_fuse_on_a_resnet_style_model():
     model.eval()
     fused = fuse(model)
     assert not conv_names(fused, DOConv2d) and conv_names(fused, nn.Conv2d) == CONV_NAMES
-    assert conv_names(model, DOConv2d) == CONV_NAMES  # fuse copies unless inplace
+    assert conv_names(model, DOConv2d) == CONV_NAMES  # fuse copies
     with torch.no_grad():
         y_model = model(x)
         torch.testing.assert_close(fused(x), y_model, rtol=1e-5, atol=1e-6)
@@ -108,17 +108,19 @@ def test_convert_train_fuse_on_a_resnet_style_model():
         p.numel() for p in original.parameters())
 
 
-def test_convert_include_predicate_and_inplace():
+def test_convert_include_predicate_sees_the_given_model():
     model = small_resnet()
     seen = []
+    own = {id(module) for module in model.modules()}
 
     def include(name, module):
         seen.append(name)
+        assert id(module) in own  # the caller's modules, not the copy's
         return name.startswith("3.") and module.kernel_size == (3, 3)
 
-    same = convert(model, include=include, inplace=True)
-    assert same is model
-    assert conv_names(model, DOConv2d) == ["3.depthwise", "3.grouped"]
+    converted = convert(model, include=include)
+    assert converted is not model and conv_names(model, DOConv2d) == []
+    assert conv_names(converted, DOConv2d) == ["3.depthwise", "3.grouped"]
     assert seen == [n for n in CONV_NAMES]  # asked only about plain nn.Conv2d modules, once
 
 
@@ -163,8 +165,10 @@ CONVERT_ERRORS = [
     (dict(D_mul=4), "cannot convert '0': D_mul must be >= kernel height*width = 9 for a 3x3 "
                     "kernel, got 4"),
     (dict(D_mul=0), "D_mul must be an integer >= 1, got 0"),
-    (dict(include="0"), "include must be a callable (name, module) -> bool, got '0'"),
-    (dict(inplace=1), "inplace must be True or False, got 1"),
+    (dict(include=3), "include must be None, a callable (name, layer) -> bool, or layer-name "
+                      "patterns (a string or an iterable of strings), got 3"),
+    (dict(include="x*"), "convert found no nn.Conv2d that include='x*' selects in Sequential; "
+                         "nothing would change"),
 ]
 
 
@@ -172,7 +176,7 @@ CONVERT_ERRORS = [
 def test_convert_errors(kwargs, message):
     model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 1))
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
-        convert(model, inplace=kwargs.pop("inplace", True), **kwargs)
+        convert(model, **kwargs)
     assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d]  # nothing changed
     with pytest.raises(ValueError, match="model must be a torch.nn.Module, got list"):
         convert([nn.Conv2d(2, 2, 3)])
@@ -213,6 +217,52 @@ def test_from_params_refuses_same_padding_with_stride():
                              np.zeros(2))
     with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
         DOConv2d.from_params(params)
+
+
+def test_set_params_checks_everything_before_changing_anything():
+    layer = DOConv2d(4, 6, 3, padding=1, groups=2, D_mul=10, dtype=torch.float64)
+    layer.D.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    spec = layer.spec
+    good = dc.DOConvParams(spec, rng.standard_normal(spec.W_shape).astype(np.float32),
+                           rng.standard_normal(spec.D_shape), rng.standard_normal(6))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+
+    def unchanged():
+        return all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+    wrong_shape = dc.DOConvParams(spec, good.W, good.D, good.bias)
+    wrong_shape.D = good.D[:, :, :9]  # changed after DOConvParams checked it
+    integer_W = dc.DOConvParams(spec, good.W.astype(np.int64), good.D, good.bias)
+    refused = [
+        ({"W": 1}, "params must be DOConvParams, got dict"),
+        (dc.DOConvParams(dc.ConvSpec(4, 6, 3, padding=1, groups=2), good.W[:, :, :9],
+                         good.D[:, :, :9], good.bias), "params.spec must describe this layer's"),
+        (wrong_shape, "D must have shape (4, 9, 10) for this layer, got (4, 9, 9)"),
+        (integer_W, "W must hold floating-point numbers (float16, float32 or float64), got "
+                    "dtype int64"),
+    ]
+    for params, message in refused:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            layer.set_params(params)
+        assert unchanged()
+    # The same function spelled otherwise loads; values take the layer's dtype, and
+    # requires_grad stays.
+    same = dc.DOConvParams(dc.ConvSpec(4, 6, 3, padding="same", groups=2, D_mul=10),
+                           good.W, good.D, good.bias)
+    layer.set_params(same)
+    assert layer.W.dtype == torch.float64 and not layer.D.requires_grad
+    assert layer.W.requires_grad
+    np.testing.assert_array_equal(layer.W.detach().numpy(), good.W)
+    np.testing.assert_array_equal(layer.D.detach().numpy(), good.D)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    np.testing.assert_allclose(layer(x).detach().numpy(),
+                               dc.doconv2d(x.numpy(), good.D, good.W, good.bias, spec),
+                               rtol=1e-6, atol=1e-6)
+    with torch.device("meta"):
+        on_meta = DOConv2d(4, 6, 3, padding=1, groups=2, D_mul=10)
+    with pytest.raises(ValueError, match="set_params cannot fill a layer on the meta device"):
+        on_meta.set_params(good)
 
 
 def test_export_import_params_for_a_whole_model(tmp_path):
@@ -290,7 +340,7 @@ LEGACY_LAYERS = {  # name: (ConvSpec, exact?)
 }
 
 
-def test_load_legacy_state_dict_of_a_model():
+def test_load_legacy_of_a_model():
     specs = {name: spec for name, (spec, _) in LEGACY_LAYERS.items()}
     model = nn.Sequential()
     for name, spec in specs.items():
@@ -306,7 +356,7 @@ def test_load_legacy_state_dict_of_a_model():
         bn.running_mean.normal_()
     legacy.update({f"bn.{k}": v for k, v in bn.state_dict().items()})
 
-    report = load_legacy_state_dict(model, legacy)
+    report = load_legacy(model, legacy)
     assert report.exact == ["conv1", "dw", "pw"]
     assert report.function_preserving == ["grouped"]
     assert report.layers["grouped"].method == "embedded composed kernel"
@@ -327,12 +377,12 @@ def test_load_legacy_state_dict_of_a_model():
         assert torch.equal(model.dw.W, legacy["dw.W"])
 
 
-def test_load_legacy_state_dict_of_one_layer_and_errors():
+def test_load_legacy_of_one_layer_and_errors():
     spec = dc.ConvSpec(4, 4, 3, groups=2, bias=True)
     layer = DOConv2d(4, 4, 3, groups=2)
     state = original_state(spec, 5)
     state["D_diag"] = state.pop("d_diag")  # either spelling
-    report = load_legacy_state_dict(layer, state)
+    report = load_legacy(layer, state)
     assert list(report.layers) == ["layer"] and report.function_preserving == ["layer"]
     x = torch.randn(1, 4, 6, 6)
     with torch.no_grad():
@@ -340,13 +390,69 @@ def test_load_legacy_state_dict_of_one_layer_and_errors():
                                    state["D_diag"]}, x), rtol=1e-5, atol=1e-5)
     bad = dict(state, D_diag=state["D_diag"] * 2)
     with pytest.raises(CheckpointError, match="layer 'layer': D_diag is not the fixed identity"):
-        load_legacy_state_dict(layer, bad)
+        load_legacy(layer, bad)
+    with pytest.raises(CheckpointError, match="'layer'") as error:  # the core's wording
+        load_legacy(layer, {"D": state["D"]})
+    assert re.search(r"\bW\b", str(error.value))
     with pytest.raises(CheckpointError, match=re.escape("has no 'W' for layer 'layer'")):
-        load_legacy_state_dict(layer, {"D": state["D"]})
+        load_legacy(layer, {"other": state["D"]})
     wrong = dict(state, W=state["W"][:, :, :4])
     with pytest.raises(CheckpointError, match=re.escape(
             "W must have shape (4, 2, 9) in the original PyTorch layout")):
-        load_legacy_state_dict(layer, wrong)
+        load_legacy(layer, wrong)
+
+
+def legacy_model():
+    return nn.Sequential(DOConv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                         DOConv2d(4, 2, 3, padding=1, bias=False))
+
+
+def test_load_legacy_not_strict_reports_what_it_skipped():
+    source = legacy_model()
+    with torch.no_grad():
+        source[0].D.normal_()
+        source[1].running_mean.normal_()
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("2.")}
+    state["extra"] = torch.zeros(1)
+    target = legacy_model()
+    W2 = target[2].W.clone()
+    report = load_legacy(target, state, strict=False)
+    assert list(report.layers) == ["0"] and report.exact == ["0"]
+    assert report.missing_keys == ["2.W", "2.D"] and report.unexpected_keys == ["extra"]
+    assert torch.equal(target[0].D, source[0].D)
+    assert torch.equal(target[1].running_mean, source[1].running_mean)
+    assert torch.equal(target[2].W, W2)
+
+
+def test_load_legacy_ignores_a_stray_weight_under_a_loaded_layer():
+    """A ``weight`` beside a layer's W is unexpected: it must not be embedded over W, D."""
+    source = legacy_model()
+    state = dict(source.state_dict(), **{"0.weight": torch.ones(4, 3, 3, 3)})
+    target = legacy_model()
+    with pytest.raises(CheckpointError, match=re.escape("unexpected keys ['0.weight']")):
+        load_legacy(target, state)
+    report = load_legacy(target, state, strict=False)
+    assert report.unexpected_keys == ["0.weight"] and report.missing_keys == []
+    assert torch.equal(target[0].W, source[0].W) and torch.equal(target[0].D, source[0].D)
+
+
+def test_load_legacy_keeps_requires_grad_and_refuses_meta_and_bad_arguments():
+    source = legacy_model()
+    target = legacy_model()
+    target[0].D.requires_grad_(False)
+    load_legacy(target, source.state_dict())
+    assert not target[0].D.requires_grad and target[0].W.requires_grad
+    with torch.device("meta"):
+        on_meta = legacy_model()
+    with pytest.raises(CheckpointError, match=re.escape(
+            "cannot load the legacy checkpoint: layers ['0', '2'] are on the meta device")):
+        load_legacy(on_meta, source.state_dict())
+    with pytest.raises(ValueError, match="the legacy weights must be a mapping"):
+        load_legacy(target, [1])
+    with pytest.raises(ValueError, match="strict must be True or False, got 1"):
+        load_legacy(target, source.state_dict(), strict=1)
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module, got dict"):
+        load_legacy({}, source.state_dict())
 
 
 def test_doconv_model_loads_a_plain_conv_state_dict_by_embedding():
