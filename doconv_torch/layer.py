@@ -271,6 +271,16 @@ class DOConv2d(nn.Module):
         return self._conv_forward(input, weight, self.bias)
 
     # -- conversions -------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Assigning a parameter drops the cached kernel. FSDP2 (fully_shard) swaps each
+        # parameter between its shard and one reused unsharded tensor whose storage it frees
+        # and refills in place, keeping its version counter: the cache key (identity,
+        # version, address) could then match a kernel composed from the previous values.
+        # Defining __setattr__ also makes FSDP2 assign through it (not _parameters).
+        if name in ("W", "D", "bias"):
+            self.__dict__["_cache"] = None
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse=True):
         self._cache = None  # .to(), .cuda(), .double(), ...: the cache would hold old memory
         return super()._apply(fn, recurse)
