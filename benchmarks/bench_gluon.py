@@ -74,7 +74,7 @@ def hybridize(blocks: Sequence[gluon.HybridBlock], active: bool = True) -> None:
 def eval_rows(case: str, native: gluon.HybridBlock, doconv: gluon.HybridBlock,
               fuse: Callable[[], gluon.HybridBlock], x: mx.nd.NDArray,
               repeats: int) -> list[Row]:
-    """eval hybrid, eval imperative, then fused; ``fuse`` may replace layers in place."""
+    """eval hybrid, eval imperative, then fused (``fuse`` returns the fused block)."""
     def infer(block: gluon.HybridBlock) -> Callable[[], Any]:
         return lambda: block(x)  # outside autograd.record: inference mode (BN running stats)
 

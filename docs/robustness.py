@@ -66,7 +66,8 @@ class Files:
         return path
 
     def clean(self, message: str) -> str:
-        return message.replace(str(self.root), "<tmp>")
+        message = message.replace(str(self.root), "<tmp>")
+        return re.sub(r"\[\d\d:\d\d:\d\d\] ", "", message)  # MXNet's log time stamps
 
 
 def rewrite_npz(path: Path, change: Callable[[dict], None]) -> Path:
@@ -412,8 +413,9 @@ def gluon_rows(files: Files) -> Iterator[Row]:
 
     deferred = DOConv2D(8, 3)
     deferred.initialize()
-    parent = nn.HybridSequential()
-    parent.add(DOConv2D(8, 3))
+    parent = nn.HybridSequential(prefix="parent_")  # fixed names: MXNet's message has them
+    with parent.name_scope():
+        parent.add(DOConv2D(8, 3, prefix="conv_"))
     parent.initialize()
     parent.hybridize()
     layer = DOConv2D(8, 3, in_channels=4)
@@ -443,7 +445,7 @@ def gluon_rows(files: Files) -> Iterator[Row]:
     yield Row("DOConv2D(8, 3, strides=0)", "strides", lambda: DOConv2D(8, 3, strides=0))
     yield Row("deferred_layer(x of shape (4, 8, 8))", "4-D",
               lambda: deferred(x3), state(deferred))
-    yield Row("hybridized_parent(x of shape (4, 8, 8))", "4-D",
+    yield Row("hybridized_parent(x of shape (4, 8, 8))", "4D",
               lambda: parent(x3), state(parent))
     yield Row("layer(x with 3 channels), in_channels=4", "channels",
               lambda: layer(mx.nd.zeros((1, 3, 8, 8))), state(layer))

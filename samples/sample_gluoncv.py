@@ -98,7 +98,7 @@ def run_once(conv: str, seed: int, epochs: int, data: Dataset, quiet: bool = Fal
         epoch_accuracy.append(test_accuracy)
     fused_accuracy = fused_identical = None
     if conv == "doconv":
-        doconv_mx.fuse(net)
+        net = doconv_mx.fuse(net)  # a new net of plain nn.Conv2D layers
         net.hybridize()
         with tempfile.TemporaryDirectory() as scratch:
             directory = save_dir if save_dir is not None else Path(scratch)

@@ -162,8 +162,7 @@ class MxModel:
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         unfused = self.model(self.mx.nd.array(x)).asnumpy()
-        self.doconv.fuse(self.model)
-        fused = self.model(self.mx.nd.array(x)).asnumpy()
+        fused = self.doconv.fuse(self.model)(self.mx.nd.array(x)).asnumpy()
         return unfused, fused
 
 

@@ -3,16 +3,35 @@
 import mxnet as mx
 
 import doconv_core
-import doconv_mx
 from doconv_mx import DOConv2D
+from doconv_mx._blocks import walk
+from doconv_mx.layer import _gluon_padding
 
 
 def gluon_padding(spec):
     """The explicit padding nn.Conv2D would need for ``spec``, or None if Gluon has none."""
     try:
-        return doconv_mx._gluon_padding(spec)
+        return _gluon_padding(spec)
     except ValueError:
         return None
+
+
+def unsupported_reason(spec):
+    """Why Gluon has no layer for ``spec`` (the adapter's own message), or None."""
+    try:
+        _gluon_padding(spec)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def blocks(net):
+    """Every block under ``net`` (each position of a shared one)."""
+    return [child for _, _, _, child in walk(net)]
+
+
+def count(net, kind):
+    return sum(isinstance(block, kind) for block in blocks(net))
 
 
 def make_layer(spec, arrays, *, hybridize=False, deferred=False, dtype="float64"):

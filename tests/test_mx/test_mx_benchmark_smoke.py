@@ -30,7 +30,6 @@ def test_converted_network_computes_the_native_function():
     """The whole-network variants start from the same weights (convert embeds them exactly)."""
     x = mx.nd.random.normal(shape=(1, 3, 32, 32))
     native, doconv = bench_gluon.network_pair(x, width=8, classes=10)
-    convs = [child for _, _, _, child in doconv_mx._walk(doconv)
-             if isinstance(child, doconv_mx.DOConv2D)]
-    assert len(convs) == 20  # stem, 16 3x3 convs, 3 projection shortcuts
+    assert len(doconv_mx.doconv_layers(doconv)) == 20  # stem, 16 3x3 convs, 3 shortcuts
+    assert not doconv_mx.doconv_layers(native)
     np.testing.assert_allclose(doconv(x).asnumpy(), native(x).asnumpy(), rtol=1e-5, atol=1e-6)

@@ -13,17 +13,15 @@ from mxnet import autograd
 from doconv_core import DOConvParams
 from doconv_core.testing import crosscheck
 from doconv_mx import DOConv2D
-from mx_helpers import gluon_padding
+from mx_helpers import unsupported_reason as gluon_unsupported
 
 FRAMEWORK = "mx"
 
 
 def unsupported_reason(case, dtype):
-    if case.spec.padding_mode != "zeros" and case.spec.padding not in ("valid", (0, 0)):
-        return "Gluon's Convolution pads with zeros only"
-    if gluon_padding(case.spec) is None:
-        return "padding 'same' here is not a fixed symmetric padding (stride > 1 or odd total)"
-    return None
+    """The adapter's own reason: Gluon pads with zeros only, and 'same' only where it is one
+    fixed symmetric padding (stride 1, even (kernel-1)*dilation)."""
+    return gluon_unsupported(case.spec)
 
 
 def compute(case, dtype, inputs, R):

@@ -5,6 +5,7 @@ Tolerances: float64 outputs 1e-10 absolute; float32 1e-4 relative to the output 
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mx_helpers import gluon_padding, make_layer
+from mx_helpers import gluon_padding, make_layer, unsupported_reason
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 from strategies import input_shape_for, layer_specs
@@ -32,25 +33,25 @@ SUPPORTED = [c for c in CASES if gluon_padding(c.spec) is not None]
 UNSUPPORTED = [c for c in CASES if gluon_padding(c.spec) is None]
 
 
-def _why_unsupported(spec):
-    if spec.padding not in ("valid", (0, 0)) and spec.padding_mode != "zeros":
-        return "padding_mode"
-    return "same"
-
-
 def test_case_split_is_explicit():
     assert len(SUPPORTED) >= 30 and len(SUPPORTED) + len(UNSUPPORTED) == len(CASES)
     for case in UNSUPPORTED:
         spec = case.spec
-        assert _why_unsupported(spec) in ("padding_mode", "same")
-        if _why_unsupported(spec) == "same":
-            assert spec.padding == "same" and spec.padding_mode == "zeros"
+        reason = unsupported_reason(spec)
+        if reason.startswith("padding_mode"):  # something is padded, with another mode
+            assert spec.padding_mode != "zeros" and spec.padding not in ("valid", (0, 0))
+        else:  # 'same' is not one fixed symmetric padding here
+            assert reason.startswith("padding 'same' has no Gluon equivalent here")
+            assert spec.padding == "same"
             assert any(s != 1 or (k - 1) * d % 2 for k, s, d in
                        zip(spec.kernel_size, spec.stride, spec.dilation))
         arrays = case.arrays(np.float32)
         params = doconv_core.DOConvParams(spec, arrays["W"], arrays["D"], arrays["bias"])
-        with pytest.raises(ValueError, match="padding_mode must be 'zeros'|padding 'same' has no"):
+        with pytest.raises(ValueError, match=re.escape(reason)):
             DOConv2D.from_params(params)
+    # Nothing padded: the padding mode does not matter ('same' of a 1x1 kernel pads nothing).
+    assert any(c.spec.padding == "same" and c.spec.padding_mode != "zeros"
+               and c.spec.kernel_size == (1, 1) for c in SUPPORTED)
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
@@ -202,7 +203,9 @@ def test_deferred_in_channels_inside_hybridized_parent(tmp_path):
     net.hybridize()
     x = mx.nd.random.normal(shape=(2, 4, 9, 9))
     y = net(x)
-    assert [blk.spec.in_channels for blk in net] == [4, 6, 4]
+    stored = [blk._spec for blk in net]
+    assert [blk.spec.in_channels for blk in net] == [4, 6, 4]  # read from W's inferred shape
+    assert all(blk._spec is spec for blk, spec in zip(net, stored))  # reading changed nothing
     assert net[0].W.shape == (6, 2, 11) and net[0].D.shape == (4, 9, 11)
     assert net[1].D is None and net[1].W.shape == (4, 6, 1)
     h = x
@@ -453,8 +456,11 @@ def test_legacy_gluon_import(groups, in_channels, out_channels):
     layer = DOConv2D(out_channels, 3, padding=1, groups=groups)  # deferred in_channels
     layer.initialize()
     layer.cast("float64")
-    result = doconv_mx.load_legacy_params(layer, weight=weight, D=D_legacy, bias=bias)
-    assert result.exact
+    report = doconv_mx.load_legacy(layer, {"weight": mx.nd.array(weight, dtype="float64"),
+                                           "D": D_legacy, "bias": bias})
+    assert report.exact == [doconv_core.ROOT_NAME] and report.function_preserving == []
+    assert report.missing_keys == report.unexpected_keys == []
+    assert layer.spec.in_channels == in_channels  # completed from the weight
     # The original's function, written out: slot (o, i) reads D channel i*g + o // O_g.
     O_g, I_g = out_channels // groups, in_channels // groups
     D_total = D_legacy.transpose(2, 0, 1) + doconv_core.identity_d(in_channels, 9, 9, np.float64)
@@ -471,7 +477,7 @@ def test_legacy_gluon_import(groups, in_channels, out_channels):
     bad = DOConv2D(out_channels, 3, groups=groups, in_channels=in_channels, D_mul=10)
     bad.initialize()
     with pytest.raises(doconv_core.CheckpointError, match="supports only D_mul = M\\*N = 9"):
-        doconv_mx.load_legacy_params(bad, weight=weight, D=D_legacy, bias=bias)
+        doconv_mx.load_legacy(bad, {"weight": weight, "D": D_legacy, "bias": bias})
 
 
 ERRORS = [
@@ -521,7 +527,7 @@ def test_bad_inputs_and_states_raise_clear_errors():
         layer.set_params({"W": 1})
     other = doconv_core.DOConvParams(doconv_core.ConvSpec(2, 4, 5), np.zeros((4, 2, 25)),
                                      np.zeros((2, 25, 25)), np.zeros(4))
-    with pytest.raises(ValueError, match="params' spec .* does not match this layer's"):
+    with pytest.raises(ValueError, match="params.spec must describe this layer's function"):
         layer.set_params(other)
 
 

@@ -9,10 +9,7 @@ from mxnet.gluon import nn
 
 import doconv_mx
 from doconv_mx import DOConv2D
-
-
-def _count(net, kind):
-    return sum(isinstance(b, kind) for _, _, _, b in doconv_mx._walk(net))
+from mx_helpers import count as _count
 
 
 class Custom(nn.HybridBlock):
@@ -40,7 +37,9 @@ def test_convert_fuse_custom_net(tmp_path, hybridize):
         net.hybridize()
     x = mx.nd.random.normal(shape=(2, 3, 8, 8))
     expected = net(x).asnumpy()
-    assert doconv_mx.convert(net, D_mul=12) is net
+    original = net
+    net = doconv_mx.convert(original, D_mul=12)
+    assert net is not original and _count(original, DOConv2D) == 0
     assert isinstance(net.stem, DOConv2D) and net._children["stem"] is net.stem
     assert isinstance(net.body[0], DOConv2D) and isinstance(net.body[2], DOConv2D)
     assert net.body[0].spec.D_mul == 12 and net.body[2].spec.D_mul == 1  # 1x1: no D
@@ -53,12 +52,16 @@ def test_convert_fuse_custom_net(tmp_path, hybridize):
     loss.backward()
     trainer.step(2)
     assert np.abs(net.stem.D.data().asnumpy()).max() > 0
+    np.testing.assert_array_equal(original(x).asnumpy(), expected)  # the original: untouched
     trained = net(x).asnumpy()
-    assert doconv_mx.fuse(net) is net
-    assert _count(net, DOConv2D) == 0 and type(net.stem) is nn.Conv2D
-    np.testing.assert_allclose(net(x).asnumpy(), trained, rtol=1e-5, atol=1e-5)
-    net.hybridize()
-    np.testing.assert_allclose(net(x).asnumpy(), trained, rtol=1e-5, atol=1e-5)
+    fused = doconv_mx.fuse(net)
+    assert _count(fused, DOConv2D) == 0 and type(fused.stem) is nn.Conv2D
+    assert _count(net, DOConv2D) == 4 and isinstance(net.stem, DOConv2D)
+    np.testing.assert_allclose(fused(x).asnumpy(), trained, rtol=1e-5, atol=1e-5)
+    fused.hybridize()
+    np.testing.assert_allclose(fused(x).asnumpy(), trained, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(net(x).asnumpy(), trained)
+    net = fused
     net.export(str(tmp_path / "fused"))
     block = gluon.SymbolBlock.imports(str(tmp_path / "fused-symbol.json"), ["data"],
                                       str(tmp_path / "fused-0000.params"))
@@ -68,17 +71,18 @@ def test_convert_fuse_custom_net(tmp_path, hybridize):
 def test_convert_include_and_errors():
     net = Custom()
     net.initialize()
-    doconv_mx.convert(net, include=["body.0"])
-    assert isinstance(net.body[0], DOConv2D) and type(net.stem) is nn.Conv2D
-    doconv_mx.convert(net, include=lambda name, conv: name == "head")
-    assert isinstance(net.head, DOConv2D) and type(net.stem) is nn.Conv2D
+    one = doconv_mx.convert(net, include=["body.0"])
+    assert isinstance(one.body[0], DOConv2D) and type(one.stem) is nn.Conv2D
+    head = doconv_mx.convert(one, include=lambda name, conv: name == "head")
+    assert isinstance(head.head, DOConv2D) and isinstance(head.body[0], DOConv2D)
+    assert type(head.stem) is nn.Conv2D and type(one.head) is nn.Conv2D
     with pytest.raises(ValueError, match="include must be None, a callable"):
-        doconv_mx.convert(net, include="stem")
+        doconv_mx.convert(net, include=3)
     with pytest.raises(ValueError, match="layer 'stem': D_mul must be >= kernel height"):
         doconv_mx.convert(net, D_mul=4)
-    assert type(net.stem) is nn.Conv2D  # checked before anything changed
+    assert _count(net, DOConv2D) == 0
     fresh = Custom()  # uninitialized: fresh DOConv2D layers, initialized later
-    doconv_mx.convert(fresh)
+    fresh = doconv_mx.convert(fresh)
     fresh.initialize()
     assert fresh(mx.nd.ones((1, 3, 8, 8))).shape == (1, 2, 8, 3)
     unready = nn.HybridSequential()
@@ -99,8 +103,9 @@ def test_convert_after_initialize_before_first_forward(hybridize):
     stem, embedded = net.features[0], net.features[5][0].body[0]
     assert stem.weight._data is None and embedded.weight._data is not None
     kernel = embedded.weight.data().asnumpy()
-    doconv_mx.convert(net)
-    assert _count(net, nn.Conv2D) == 0
+    original, net = net, doconv_mx.convert(net)
+    assert _count(net, nn.Conv2D) == 0 and type(original.features[0]) is nn.Conv2D
+    assert original.features[0].weight._data is None  # still waiting for its first input
     with pytest.raises(ValueError, match="layer 'features.0': fuse needs an initialized layer"):
         doconv_mx.fuse(net)  # nothing drawn yet: refused, naming the layer
     x = mx.nd.random.normal(shape=(4, 3, 32, 32))
@@ -135,8 +140,9 @@ def test_convert_deferred_convs_keep_dtype_bias_grad_req_and_set_data():
     # A weight set before the first forward fixes the shape and the values: embedded exactly.
     kernel = np.random.default_rng(0).standard_normal((3, 4, 3, 3))
     net[1].weight.set_data(mx.nd.array(kernel, dtype="float64"))
-    doconv_mx.convert(net)
+    original, net = net, doconv_mx.convert(net)
     assert _count(net, DOConv2D) == 3
+    assert original[1].weight._data is None  # the original's values still wait
     x = mx.nd.random.normal(shape=(2, 5, 6, 6), dtype="float64")
     y = net(x)
     assert y.dtype == np.float64 and y.shape == (2, 2, 6, 6)
@@ -163,18 +169,18 @@ def test_model_zoo_convert_and_fuse(tmp_path, name, size):
     x = mx.nd.random.normal(shape=(2, 3, size, size))
     logits, features = _outputs(net, x)
     assert np.abs(logits).max() > 0.1
-    doconv_mx.convert(net)
+    net = doconv_mx.convert(net)
     assert _count(net, DOConv2D) == convs and _count(net, nn.Conv2D) == 0
     if name == "mobilenet1.0":
         assert any(b.spec.groups == b.spec.in_channels > 1
-                   for _, _, _, b in doconv_mx._walk(net) if isinstance(b, DOConv2D))
+                   for b in doconv_mx.doconv_layers(net).values())
     for hybridize in (False, True):
         net.hybridize(hybridize)
         converted = _outputs(net, x)
         np.testing.assert_allclose(converted[0], logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(converted[1], features, rtol=1e-5,
                                    atol=1e-5 * np.abs(features).max())
-    doconv_mx.fuse(net)
+    net = doconv_mx.fuse(net)
     assert _count(net, DOConv2D) == 0 and _count(net, nn.Conv2D) == convs
     net.hybridize()
     fused = _outputs(net, x)
