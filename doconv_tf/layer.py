@@ -39,15 +39,12 @@ Depthwise layers (groups == C_in > 1, filters = C_in * k, equal strides along he
 width) run through ``ops.depthwise_conv`` with the composed kernel reshaped to
 DepthwiseConv2D's layout (M, N, C_in, k), and ``fuse`` returns a DepthwiseConv2D for them:
 Keras' TensorFlow backend runs a grouped conv through XLA on CPU (and, eagerly, compiles it
-anew on every call), about 100x slower than its native depthwise kernel, which in turn
-refuses unequal strides (those layers stay grouped convs). ``kernel`` stays the grouped HWIO
-kernel (M, N, 1, C_in * k).
+anew on every call), much slower than its native depthwise kernel, which in turn refuses
+unequal strides (those layers stay grouped convs). ``kernel`` stays the grouped HWIO kernel
+(M, N, 1, C_in * k).
 
 channels_first on TensorFlow's CPU runs the conv in NHWC between two transposes (see
-``_channels_last_at_edge``), decided once when the layer is built. Keras 3.15's TF ``ops.add``
-mistakes a channels_first bias for an NHWC one when the output width equals ``filters``;
-DOConv2D avoids it, but a plain (so also a fused) channels_first Conv2D or DepthwiseConv2D is
-hit by it.
+``_channels_last_at_edge``), decided once when the layer is built.
 """
 
 from __future__ import annotations
@@ -63,6 +60,7 @@ from keras import activations, constraints, initializers, ops, regularizers
 
 import doconv_core
 from doconv_core import ConvSpec, DOConvParams
+from doconv_core.spec import native_spec
 
 # DepthwiseConv2D's names for the kernel settings DOConv2D (and Conv2D) call kernel_*.
 _DEPTHWISE_KEYS = {"depthwise_initializer": "kernel_initializer",
@@ -70,16 +68,8 @@ _DEPTHWISE_KEYS = {"depthwise_initializer": "kernel_initializer",
                    "depthwise_constraint": "kernel_constraint"}
 
 # ConvSpec speaks the canonical names; a Keras user should read Keras' names.
-_NATIVE_NAMES = (("out_channels", "filters"), ("stride", "strides"),
-                 ("dilation", "dilation_rate"), ("bias", "use_bias"))
-
-
-def _native_message(error: ValueError) -> str:
-    message = str(error)
-    for canonical, native in _NATIVE_NAMES:
-        if message.startswith(canonical + " "):
-            return native + message[len(canonical):]
-    return message
+_NATIVE_NAMES = {"out_channels": "filters", "stride": "strides", "dilation": "dilation_rate",
+                 "bias": "use_bias"}
 
 
 def _keras_spec(filters: Any, kernel_size: Any, strides: Any, padding: Any, data_format: Any,
@@ -95,11 +85,8 @@ def _keras_spec(filters: Any, kernel_size: Any, strides: Any, padding: Any, data
     if data_format not in ("channels_last", "channels_first"):
         raise ValueError("data_format must be 'channels_last', 'channels_first' or None, "
                          f"got {data_format!r}")
-    try:
-        spec = ConvSpec(None, filters, kernel_size, strides, padding.lower(), dilation_rate,
-                        groups, bias=use_bias, D_mul=D_mul)
-    except ValueError as error:
-        raise ValueError(_native_message(error)) from None
+    spec = native_spec(_NATIVE_NAMES, None, filters, kernel_size, strides, padding.lower(),
+                       dilation_rate, groups, bias=use_bias, D_mul=D_mul)
     if max(spec.stride) > 1 and max(spec.dilation) > 1:
         # Keras' Conv2D refuses this too (TensorFlow's convolution cannot do it).
         raise ValueError("strides > 1 together with dilation_rate > 1 is not supported by "
@@ -133,9 +120,8 @@ def _channels_last_at_edge(data_format: str) -> bool:
     """Whether a channels_first layer runs its conv in NHWC between two transposes.
 
     TensorFlow's CPU Conv2D and depthwise kernels refuse NCHW unless oneDNN is on, and with
-    it on they still refuse float64; NHWC between transposes runs everywhere and was no
-    slower than oneDNN's own NCHW path (docs/benchmarks.md). GPUs and the other backends
-    take NCHW natively.
+    it on they still refuse float64; NHWC between transposes runs everywhere. GPUs and the
+    other backends take NCHW natively.
     """
     return (data_format == "channels_first" and keras.backend.backend() == "tensorflow"
             and not _has_gpu())
@@ -233,7 +219,8 @@ class DOConv2D(keras.layers.Layer):
                              f"{input_shape} with data_format={self.data_format!r}")
         spec = self._spec.with_in_channels(int(channels))  # ValueError on bad groups
         self._spec = spec
-        self.input_spec = keras.layers.InputSpec(ndim=4, axes={self._channel_axis(): channels})
+        # Only ndim: the channels are checked by the core (_check_channels), in its words.
+        self.input_spec = keras.layers.InputSpec(ndim=4)
         self._conv_format = "channels_last" if _channels_last_at_edge(self.data_format) \
             else self.data_format
         self._d_diag = doconv_core.identity_d(spec.in_channels, spec.mn, spec.D_mul,
@@ -262,7 +249,10 @@ class DOConv2D(keras.layers.Layer):
 
     # -- composition -----------------------------------------------------------
     def _compose(self, W: Any, D: Any) -> Any:
-        """The HWIO kernel from Keras-layout W and canonical D: one batched matmul."""
+        """The HWIO kernel from Keras-layout W and canonical D: one batched matmul.
+
+        In keras.ops, not doconv_core.compose_kernel (NumPy): it runs traced and is
+        differentiated."""
         spec = self._spec
         (M, N), g = spec.kernel_size, spec.groups
         if D is None:
@@ -272,8 +262,8 @@ class DOConv2D(keras.layers.Layer):
         Wg = ops.reshape(W, (spec.D_mul, spec.in_per_group, g, spec.out_per_group))
         Dg = ops.reshape(D_total, (g, spec.in_per_group, spec.mn, spec.D_mul))
         # K[m, i, g, o] = sum_s D'[g*I_g + i, m, s] * W[s, i, g*O_g + o]: the core's formula,
-        # as a matmul batched over (g, i). Spelled with explicit transposes because
-        # TensorFlow's einsum took 1.5x as long (512 channels, forward and backward).
+        # as a matmul batched over (g, i), spelled with explicit transposes: TensorFlow's
+        # einsum was slower.
         Wt = ops.transpose(Wg, (2, 1, 0, 3))  # (g, I_g, D_mul, O_g)
         if keras.backend.backend() == "torch":
             # Keras' torch ops.matmul computes float64 in float32 (its type promotion
@@ -323,7 +313,14 @@ class DOConv2D(keras.layers.Layer):
             raise AttributeError("You must build the layer before accessing `kernel`.")
         return self._composed_kernel()
 
+    def _check_channels(self, shape: Any) -> None:
+        """The core's ValueError for an input whose (known) channel count is not the layer's."""
+        channels = shape[self._channel_axis()]
+        if self.built and channels is not None:
+            self._spec.check_input_channels(int(channels))
+
     def call(self, inputs: Any, training: Any = None) -> Any:
+        self._check_channels(inputs.shape)
         dtype = self.compute_dtype
         if keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = ops.cast(inputs, dtype)
@@ -332,7 +329,7 @@ class DOConv2D(keras.layers.Layer):
         if transposed:
             inputs = ops.transpose(inputs, (0, 2, 3, 1))
         if self._depthwise_multiplier() is not None:
-            # See the module notes: TensorFlow's grouped conv is ~100x slower on CPU.
+            # See the module notes: TensorFlow's grouped conv is much slower on CPU.
             outputs = ops.depthwise_conv(
                 inputs, self._depthwise_kernel(kernel), strides=self.strides,
                 padding=self.padding, dilation_rate=self.dilation_rate,
@@ -345,8 +342,7 @@ class DOConv2D(keras.layers.Layer):
             if self._conv_format == "channels_last":
                 outputs = ops.add(outputs, ops.reshape(bias, (1, 1, 1, self.filters)))
             else:
-                # Bias first: Keras 3.15's TensorFlow ops.add(x, bias) takes a (1, C, 1, 1)
-                # bias for an NHWC one when x's width equals C (and adds it along the width).
+                # Bias first: x first trips a TensorFlow ops.add bug (test_api.KERAS_BIAS_BUG).
                 outputs = ops.add(ops.reshape(bias, (1, self.filters, 1, 1)), outputs)
         if transposed:
             outputs = ops.transpose(outputs, (0, 3, 1, 2))
@@ -355,25 +351,14 @@ class DOConv2D(keras.layers.Layer):
         return outputs
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
+        self._check_channels(input_shape)  # symbolic calls come here, not to call()
         channels_last = self.data_format == "channels_last"
         spatial = input_shape[1:3] if channels_last else input_shape[2:4]
-        out = []
-        for n, k, s, d in zip(spatial, self.kernel_size, self.strides, self.dilation_rate):
-            if n is None:
-                out.append(None)
-            elif self.padding == "same":
-                out.append(-(-n // s))
-            else:
-                out.append((n - (k - 1) * d - 1) // s + 1)
-        if any(size is not None and size < 1 for size in out):
-            raise ValueError(
-                f"the input's spatial size {tuple(spatial)} is too small for kernel_size "
-                f"{self.kernel_size} with dilation_rate {self.dilation_rate} and padding "
-                f"{self.padding!r}")
+        height, width = self._spec.output_size(spatial)
         batch = input_shape[0]
         if channels_last:
-            return (batch, out[0], out[1], self.filters)
-        return (batch, self.filters, out[0], out[1])
+            return (batch, height, width, self.filters)
+        return (batch, self.filters, height, width)
 
     # -- serialisation -----------------------------------------------------------
     def get_config(self) -> dict:
@@ -415,13 +400,11 @@ class DOConv2D(keras.layers.Layer):
         return DOConvParams(spec, W, D, bias)
 
     def set_params(self, params: DOConvParams) -> None:
-        """Load canonical parameters whose spec equals this (built) layer's."""
+        """Load canonical parameters describing this (built) layer's function: the core's
+        shapes and real floating-point arrays, all checked before anything changes; the values
+        are cast to the variables' dtype."""
         spec = self._require_built("set_params")
-        if not isinstance(params, DOConvParams):
-            raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
-        if not params.spec.same_function(spec):
-            raise ValueError(f"params.spec must equal layer {self.name!r}'s spec {spec}, "
-                             f"got {params.spec}")
+        params = doconv_core.assignable_params(params, spec)
         self.W.assign(np.transpose(params.W, (2, 1, 0)).astype(self.W.dtype))
         if self.D is not None:
             self.D.assign(np.asarray(params.D, dtype=self.D.dtype))
@@ -474,7 +457,10 @@ class DOConv2D(keras.layers.Layer):
         return keras.layers.DepthwiseConv2D, config
 
     def _fused_weights(self) -> list[np.ndarray]:
-        """The weights of the layer ``_fused_config`` describes: composed kernel, bias."""
+        """The weights of the layer ``_fused_config`` describes: composed kernel, bias.
+
+        The kernel ``call`` uses (not the core's float64 composition), so the fused layer
+        computes bit for bit what this layer computes."""
         kernel = self._composed_kernel()
         if self._depthwise_multiplier() is not None:
             kernel = self._depthwise_kernel(kernel)

@@ -67,6 +67,7 @@ class Files:
 
     def clean(self, message: str) -> str:
         message = message.replace(str(self.root), "<tmp>")
+        message = re.sub(r"\x1b\[[0-9;]*m", "", message)  # Keras' terminal bold
         return re.sub(r"\[\d\d:\d\d:\d\d\] ", "", message)  # MXNet's log time stamps
 
 
@@ -286,10 +287,18 @@ def keras_rows(files: Files) -> Iterator[Row]:
     def plain() -> keras.Model:
         return keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Dense(2)])
 
+    def values(variable: Any) -> np.ndarray:
+        value = variable.value
+        if hasattr(value, "detach"):  # torch: NumPy 2 warns about __array__ without copy=
+            return value.detach().cpu().numpy().copy()
+        if hasattr(value, "numpy"):  # tensorflow: the same warning
+            return np.array(value.numpy())
+        return np.array(value)
+
     def state(*objects: Any) -> Callable[[], Any]:
         def snapshot():
             return [(type(o).__name__, o.built,
-                     [(w.path, np.array(keras.ops.convert_to_numpy(w))) for w in o.weights])
+                     [(w.path, values(w)) for w in o.weights])
                     for o in objects]
         return snapshot
 
@@ -303,9 +312,9 @@ def keras_rows(files: Files) -> Iterator[Row]:
               "conv1.bias": np.zeros(4, np.float32), "conv2.W": np.zeros((9, 4, 2), np.float32),
               "conv2.D": np.zeros((9, 9, 4), np.float32)}
 
-    layer = DOConv2D(8, 3)
+    layer = DOConv2D(8, 3, name="layer")  # fixed names: Keras' messages have them
     layer.build((None, 8, 8, 4))
-    unbuilt = DOConv2D(8, 3)
+    unbuilt = DOConv2D(8, 3, name="unbuilt")
     model, dense = net(), plain()
     unbuilt_model = keras.Sequential([DOConv2D(4, 3, name="conv1")])
     spec = ConvSpec(4, 8, 5)

@@ -13,7 +13,7 @@ import keras
 
 import doconv_core
 from doconv_core import CheckpointError, ConvSpec, DOConvParams
-from doconv_tf import DOConv2D, load_legacy_weights
+from doconv_tf import DOConv2D, load_legacy
 from kutils import BACKEND, expect_channels_first_refusal, gradients, keras_runs_channels_first
 
 RNG = np.random.default_rng(0)
@@ -165,10 +165,18 @@ def test_bad_inputs_at_build_and_call():
         DOConv2D(4, 3).build((5, 5, 3))
     layer = DOConv2D(4, 3)
     layer(np.zeros((1, 5, 5, 3), "float32"))
-    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 3"):
+    message = "input must have 3 channels (the layer's in_channels), got 2"
+    with pytest.raises(ValueError, match=re.escape(message)):
         layer(np.zeros((1, 5, 5, 2), "float32"))
+    with pytest.raises(ValueError, match=re.escape(message)):  # symbolic, too
+        layer(keras.Input((5, 5, 2)))
+    first = DOConv2D(4, 3, data_format="channels_first")
+    first(np.zeros((1, 3, 5, 5), "float32"))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        first(np.zeros((1, 2, 5, 5), "float32"))
     with pytest.raises(ValueError, match=re.escape(
-            "the input's spatial size (2, 5) is too small for kernel_size (3, 3)")):
+            "an input of spatial size (2, 5) is too small for kernel_size (3, 3) with "
+            "dilation (1, 1) and padding 'valid'")):
         DOConv2D(4, 3).compute_output_shape((1, 2, 5, 3))
     # As Keras' Conv2D; on torch, nn.Module.__getattr__ replaces the property's message.
     message = "has no attribute 'kernel'" if BACKEND == "torch" else \
@@ -187,10 +195,18 @@ def test_params_errors():
     layer.build((None, 5, 5, 2))
     other = DOConvParams(ConvSpec(2, 4, 3, D_mul=10), np.zeros((4, 2, 10)),
                          np.zeros((2, 9, 10)), np.zeros(4))
-    with pytest.raises(ValueError, match="params.spec must equal layer"):
+    with pytest.raises(ValueError, match="params.spec must describe this layer.s function"):
         layer.set_params(other)
     with pytest.raises(ValueError, match="params must be DOConvParams, got dict"):
         layer.set_params({})
+    before = [keras.ops.convert_to_numpy(w).copy() for w in layer.weights]
+    integer_D = DOConvParams(layer.spec, np.ones((4, 2, 9)), np.ones((2, 9, 9), np.int64),
+                             np.ones(4))
+    with pytest.raises(ValueError, match=re.escape(
+            "D must hold floating-point numbers (float16, float32 or float64), got dtype int64")):
+        layer.set_params(integer_D)
+    assert all(np.array_equal(keras.ops.convert_to_numpy(w), b)
+               for w, b in zip(layer.weights, before))  # W was valid, and is untouched too
     with pytest.raises(ValueError, match=re.escape(
             "from_params takes ['filters'] from params.spec; do not pass them")):
         DOConv2D.from_params(other, filters=3)
@@ -207,10 +223,11 @@ def test_params_errors():
         DOConv2D.from_params(reflect)
     with pytest.raises(CheckpointError, match=re.escape(
             "W must have shape (9, 2, 4) in the original TensorFlow layout")):
-        load_legacy_weights(layer, W=np.zeros((4, 2, 9)), D=np.zeros((9, 9, 2)),
-                            bias=np.zeros(4))
-    with pytest.raises(ValueError, match="load_legacy_weights needs a built layer"):
-        load_legacy_weights(DOConv2D(4, 3), W=np.zeros((9, 2, 4)))
+        load_legacy(layer, {"W": np.zeros((4, 2, 9)), "D": np.zeros((9, 9, 2)),
+                            "bias": np.zeros(4)})
+    with pytest.raises(CheckpointError, match=re.escape(
+            "cannot load the legacy checkpoint: layers ['layer'] are not built")):
+        load_legacy(DOConv2D(4, 3), {"W": np.zeros((9, 2, 4))})
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -298,8 +315,10 @@ def test_legacy_import_matches_the_original_mapping():
     D_old = RNG.standard_normal((9, S, C_in))
     W_old = RNG.standard_normal((S, C_in // g, C_out))
     bias = RNG.standard_normal(C_out)
-    result = load_legacy_weights(layer, W=W_old, D=D_old, bias=bias)
-    assert result.exact and result.method == "permuted D channels"
+    report = load_legacy(layer, {"W": W_old, "D": D_old, "bias": bias})
+    assert report.exact == ["layer"] and report.function_preserving == []
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert report.layers["layer"].method == "permuted D channels"
     D_total = D_old + doconv_core.identity_d(C_in, 9, S).transpose(1, 2, 0)
     expected = np.zeros((3, 3, C_in // g, C_out))
     for o in range(C_out):

@@ -13,7 +13,7 @@ def test_keras_loaded_the_backend_tox_asked_for():
 
 def test_layer_module_uses_keras_ops_only():
     # The layer must run on any backend: no TensorFlow or JAX calls in its source.
-    source = open(doconv_tf.layer.__file__).read() + open(doconv_tf.models.__file__).read()
+    source = open(doconv_tf.layer.__file__).read() + open(doconv_tf.model.__file__).read()
     # (Naming the backend is fine: the TensorFlow CPU channels_first path is chosen by name.)
     assert "tensorflow" not in source.replace("TensorFlow", "").replace(
         'backend.backend() == "tensorflow"', "")

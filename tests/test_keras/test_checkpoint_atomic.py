@@ -67,16 +67,79 @@ def test_import_params_with_an_integer_W_changes_nothing(tmp_path):
     assert_unchanged(target, before)
 
 
-def test_load_legacy_weights_with_an_integer_D_changes_nothing():
-    layer = DOConv2D(4, 3)
-    layer.build((None, 5, 5, 2))
-    before = weights(layer)
+def legacy_weights(model):
+    """The original Keras layer's arrays for every DOConv2D of a built model."""
+    weights = {}
+    for name, layer in doconv_tf.doconv_layers(model).items():
+        spec = layer.spec
+        prefix = f"{name}." if name else ""
+        weights[prefix + "W"] = RNG.standard_normal((spec.D_mul, spec.in_per_group,
+                                                     spec.out_channels))
+        weights[prefix + "D"] = RNG.standard_normal((spec.mn, spec.D_mul, spec.in_channels))
+        weights[prefix + "bias"] = RNG.standard_normal(spec.out_channels)
+    return weights
+
+
+def test_load_legacy_with_an_integer_D_in_the_second_layer_changes_nothing():
+    model = two_layers()
+    model.build((None, 6, 6, 3))
+    before = weights(model)
+    legacy = legacy_weights(model)
+    legacy["b.D"] = legacy["b.D"].astype(np.int64)
     with pytest.raises(CheckpointError, match=re.escape(
-            "the original TensorFlow weights: layer '" + layer.name + "': D must hold "
-            "floating-point numbers (float16, float32 or float64), got dtype int64")):
-        doconv_tf.load_legacy_weights(layer, W=np.zeros((9, 2, 4)),
-                                      D=np.zeros((9, 9, 2), dtype=np.int64), bias=np.zeros(4))
-    assert_unchanged(layer, before)
+            "the legacy checkpoint: layer 'b': D must hold floating-point numbers (float16, "
+            "float32 or float64), got dtype int64")):
+        doconv_tf.load_legacy(model, legacy)
+    assert_unchanged(model, before)  # 'a' was valid, and is untouched too
+
+
+def test_load_legacy_into_a_partly_built_model_changes_nothing():
+    model = two_layers()
+    model.layers[0].build((None, 6, 6, 3))
+    before = weights(model)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "cannot load the legacy checkpoint: layers ['b'] are not built")):
+        doconv_tf.load_legacy(model, {"a.W": np.zeros((9, 3, 4))}, strict=False)
+    assert_unchanged(model, before)
+
+
+def test_load_legacy_whole_model_strict_and_not():
+    model = two_layers()
+    model.build((None, 6, 6, 3))
+    legacy = legacy_weights(model)
+    report = doconv_tf.load_legacy(model, legacy)
+    assert isinstance(report, doconv_tf.LegacyLoadReport)
+    assert report.exact == ["a", "b"]
+    assert (report.missing_keys, report.unexpected_keys) == ([], [])
+    for name in ("a", "b"):
+        layer = model.get_layer(name)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.bias), legacy[f"{name}.bias"],
+                                   rtol=1e-6)
+        expected = doconv_core.import_legacy_tf(
+            layer.spec, W=legacy[f"{name}.W"], D=legacy[f"{name}.D"],
+            bias=legacy[f"{name}.bias"]).params.kernel()
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.kernel),
+                                   doconv_core.oihw_to_hwio(expected), rtol=1e-5, atol=1e-5)
+    # strict: a missing layer or another key is an error, and nothing changes.
+    before = weights(model)
+    partial = {k: v for k, v in legacy_weights(model).items() if not k.startswith("b.")}
+    with pytest.raises(CheckpointError, match=re.escape(
+            "the legacy checkpoint has no 'b.W' for layer 'b'")):
+        doconv_tf.load_legacy(model, partial)
+    with pytest.raises(CheckpointError, match=re.escape(
+            "holds keys that are not arrays of this model's DO-Conv layers: ['head.kernel']")):
+        doconv_tf.load_legacy(model, {**legacy_weights(model), "head.kernel": np.zeros(3)})
+    assert_unchanged(model, before)
+    # strict=False: 'b' keeps its values and the other key is reported.
+    a_before, b_before = (weights(model.get_layer(name)) for name in ("a", "b"))
+    report = doconv_tf.load_legacy(model, {**partial, "head.kernel": np.zeros(3)},
+                                   strict=False)
+    assert list(report.layers) == ["a"]
+    assert (report.missing_keys, report.unexpected_keys) == (["b.W"], ["head.kernel"])
+    assert_unchanged(model.get_layer("b"), b_before)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model.get_layer("a").bias),
+                               partial["a.bias"], rtol=1e-6)
+    assert not np.array_equal(weights(model.get_layer("a"))[-1], a_before[-1])
 
 
 def params(spec):

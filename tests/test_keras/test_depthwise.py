@@ -211,7 +211,7 @@ def test_no_deprecation_warnings_from_weight_reads():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         converted = doconv_tf.convert(model)
-        doconv_tf.to_params(converted)
+        {name: layer.to_params() for name, layer in doconv_tf.doconv_layers(converted).items()}
         doconv_tf.fuse(converted)
         for layer in converted.layers:
             if isinstance(layer, DOConv2D):

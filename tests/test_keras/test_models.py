@@ -101,13 +101,19 @@ def test_depthwise_channel_order_matches_grouped_conv():
     assert np.all(y[0, ..., :3] == 0)
 
 
-def test_include_picks_layers():
+@pytest.mark.parametrize("include", [lambda name, layer: name in ("a", "b"), "[ab]", ["a", "b"]],
+                         ids=["callable", "pattern", "patterns"])
+def test_include_picks_layers(include):
     model = functional()
-    converted = doconv_tf.convert(model, include=lambda layer: layer.name in ("a", "b"))
+    converted = doconv_tf.convert(model, include=include)
     assert isinstance(converted.get_layer("a"), DOConv2D)
     assert isinstance(converted.get_layer("b"), DOConv2D)
     assert type(converted.get_layer("out")) is keras.layers.Conv2D
     assert type(converted.get_layer("inner").layers[-1]) is keras.layers.Conv2D
+    # Nested models' layers are named by their own Keras name.
+    nested = doconv_tf.convert(model, include="c")
+    assert isinstance(nested.get_layer("inner").layers[-1], DOConv2D)
+    assert set(doconv_tf.doconv_layers(nested)) == {"c"}
 
 
 def test_convert_errors():
@@ -128,6 +134,10 @@ def test_convert_errors():
     with pytest.raises(ValueError, match=re.escape(
             "cannot convert layer 'c5': D_mul must be >= kernel height*width = 25")):
         doconv_tf.convert(model, D_mul=9)
+    with pytest.raises(ValueError, match=re.escape("D_mul must be an integer >= 1, got 0")):
+        doconv_tf.convert(model, D_mul=0)
+    with pytest.raises(ValueError, match="include must be None, a callable"):
+        doconv_tf.convert(model, include=3)
 
 
 @pytest.mark.slow
@@ -200,16 +210,17 @@ def test_export_and_import_params(tmp_path):
     for layer in target._flatten_layers():
         if isinstance(layer, DOConv2D):
             layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
-    doconv_tf.import_params(target, path)
+    assert doconv_tf.import_params(target, path) == ["a", "b", "c", "out"]
     np.testing.assert_array_equal(predict(target, x), predict(model, x))
     other = doconv_tf.convert(functional(), D_mul=30)
     with pytest.raises(doconv_core.CheckpointError, match="layer 'a' was saved with"):
         doconv_tf.import_params(other, path)
-    renamed = doconv_tf.convert(functional(), include=lambda layer: layer.name != "c")
+    renamed = doconv_tf.convert(functional(), include=lambda name, layer: name != "c")
     with pytest.raises(doconv_core.CheckpointError, match=re.escape(
             "does not match the model's DO-Conv layers: missing [], unexpected ['c']")):
         doconv_tf.import_params(renamed, path)
-    with pytest.raises(ValueError, match="the model has no DOConv2D layers to export"):
+    with pytest.raises(ValueError, match=re.escape(
+            "model has no DOConv2D layers to export (Functional)")):
         doconv_tf.export_params(functional(), tmp_path / "none.npz")
     # One layer through the container class.
     layer = model.get_layer("a")
