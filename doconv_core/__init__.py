@@ -27,7 +27,16 @@ from .compose import (
     nhwc_to_nchw,
     oihw_to_hwio,
 )
-from .checkpoint import ROOT_NAME, LegacyLoadReport, check_state_keys, prepare_import, prepare_legacy
+from .checkpoint import (
+    ROOT_NAME,
+    LegacyLoadReport,
+    check_layers_ready,
+    check_state_keys,
+    export_layers,
+    import_layers,
+    prepare_import,
+    prepare_legacy,
+)
 from .legacy import LegacyImport, import_legacy_gluon, import_legacy_tf, import_legacy_torch
 from .params import (
     FORMAT_VERSION,
@@ -60,6 +69,6 @@ __all__ = [
     "DOConvParams", "save_params", "load_params", "match_layers", "CheckpointError", "FORMAT_VERSION",
     "checkpoint_array", "prepare_import", "prepare_legacy", "check_state_keys",
     "LegacyLoadReport", "ROOT_NAME", "Include", "layer_filter", "nothing_to_convert",
-    "nothing_to_fuse", "assignable_params",
+    "nothing_to_fuse", "assignable_params", "check_layers_ready", "export_layers", "import_layers",
     "LegacyImport", "import_legacy_torch", "import_legacy_tf", "import_legacy_gluon",
 ]

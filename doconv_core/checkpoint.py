@@ -14,7 +14,7 @@ import os
 from typing import Any, Callable, Mapping, Optional, Union
 
 from .legacy import LegacyImport, import_legacy_gluon, import_legacy_tf, import_legacy_torch
-from .params import CheckpointError, load_params, match_layers
+from .params import CheckpointError, load_params, match_layers, save_params
 from .spec import ConvSpec
 
 # layout -> (importer, the array names it takes)
@@ -172,3 +172,30 @@ def prepare_legacy(weights: Mapping[str, Any], layers: Mapping[str, ConvSpec], *
                               f"DO-Conv layers: {unexpected} (pass strict=False to skip them)")
     results = prepare_import(source, targets, stored, layout=layout) if targets else {}
     return results, remaining, missing
+
+
+def check_layers_ready(layers: Mapping[str, Any], source: str, ready: Callable[[Any], bool],
+                       problem: str) -> None:
+    """CheckpointError naming every layer ``ready`` refuses (``problem`` says why and what to
+    do), before an import changes anything."""
+    waiting = sorted(name for name, layer in layers.items() if not ready(layer))
+    if waiting:
+        raise CheckpointError(f"cannot load {source}: layers {waiting} {problem}")
+
+
+def export_layers(path: Source, model: Any, layers: Mapping[str, Any], kind: str) -> None:
+    """Every adapter's ``export_params``: ``layers`` maps file names to layers with
+    ``to_params()``; a ValueError for a model without any."""
+    if not layers:
+        raise ValueError(f"model has no {kind} layers to export ({type(model).__name__})")
+    save_params(path, {name: layer.to_params() for name, layer in layers.items()})
+
+
+def import_layers(path: Source, layers: Mapping[str, Any]) -> list[str]:
+    """Every adapter's ``import_params`` once its layers are ready: validate the whole file
+    against ``layers`` (file name -> layer with ``spec`` and ``set_params``), then assign.
+    Returns the names loaded, sorted."""
+    prepared = prepare_import(path, {name: layer.spec for name, layer in layers.items()})
+    for name, layer in layers.items():
+        layer.set_params(prepared[name].params)
+    return sorted(layers)

@@ -192,10 +192,7 @@ def _named_layers(model: gluon.Block) -> dict[str, DOConv2D]:
 
 def export_params(model: gluon.Block, path: Union[str, os.PathLike]) -> None:
     """Save every DOConv2D of ``model`` to the core's .npz container, keyed by layer name."""
-    layers = _named_layers(model)
-    if not layers:
-        raise ValueError(f"model has no DOConv2D layers to export ({type(model).__name__})")
-    doconv_core.save_params(path, {name: layer.to_params() for name, layer in layers.items()})
+    doconv_core.export_layers(path, model, _named_layers(model), "DOConv2D")
 
 
 def import_params(model: gluon.Block, path: Union[str, os.PathLike]) -> list[str]:
@@ -204,19 +201,13 @@ def import_params(model: gluon.Block, path: Union[str, os.PathLike]) -> list[str
     Returns the names of the layers loaded."""
     layers = _named_layers(model)
     _check_ready(layers, repr(os.fspath(path)))
-    prepared = doconv_core.prepare_import(path, {name: layer.spec
-                                                 for name, layer in layers.items()})
-    for name, layer in layers.items():
-        layer.set_params(prepared[name].params)
-    return sorted(layers)
+    return doconv_core.import_layers(path, layers)
 
 
 def _check_ready(layers: Mapping[str, DOConv2D], source: str) -> None:
     """CheckpointError unless every layer can take values (initialize() was called)."""
-    waiting = sorted(name for name, layer in layers.items() if not layer._initialize_called())
-    if waiting:
-        raise CheckpointError(f"cannot load {source}: layers {waiting} are not initialized; "
-                              "call initialize() first")
+    doconv_core.check_layers_ready(layers, source, lambda layer: layer._initialize_called(),
+                                   "are not initialized; call initialize() first")
 
 
 def _as_array(value: Any) -> Any:

@@ -194,20 +194,15 @@ def _file_names(model: keras.layers.Layer) -> dict[str, DOConv2D]:
 
 
 def _check_built(layers: Mapping[str, DOConv2D], source: str) -> None:
-    unbuilt = sorted(name for name, layer in layers.items() if not layer.built)
-    if unbuilt:
-        raise CheckpointError(
-            f"cannot load {source}: layers {unbuilt} are not built (their in_channels are "
-            "unknown); call the model on an input or build it first")
+    doconv_core.check_layers_ready(layers, source, lambda layer: layer.built,
+                                   "are not built (their in_channels are unknown); call the "
+                                   "model on an input or build it first")
 
 
 def export_params(model: keras.layers.Layer, path: Union[str, os.PathLike]) -> None:
     """Write every DOConv2D's parameters, keyed by layer name, to the core's portable
     ``.npz`` container."""
-    layers = _file_names(model)
-    if not layers:
-        raise ValueError(f"model has no DOConv2D layers to export ({type(model).__name__})")
-    doconv_core.save_params(path, {name: layer.to_params() for name, layer in layers.items()})
+    doconv_core.export_layers(path, model, _file_names(model), "DOConv2D")
 
 
 def import_params(model: keras.layers.Layer, path: Union[str, os.PathLike]) -> list[str]:
@@ -219,11 +214,7 @@ def import_params(model: keras.layers.Layer, path: Union[str, os.PathLike]) -> l
     """
     layers = _file_names(model)
     _check_built(layers, repr(os.fspath(path)))
-    prepared = doconv_core.prepare_import(path, {name: layer.spec
-                                                 for name, layer in layers.items()})
-    for name, layer in layers.items():
-        layer.set_params(prepared[name].params)
-    return sorted(layers)
+    return doconv_core.import_layers(path, layers)
 
 
 def _legacy_array(value: Any) -> Any:

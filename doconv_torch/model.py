@@ -136,11 +136,8 @@ def doconv_layers(model: nn.Module) -> dict[str, DOConv2d]:
 
 def export_params(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Save every DOConv2d's parameters, keyed by layer name, in the core's .npz container."""
-    layers = doconv_layers(model)
-    if not layers:
-        raise ValueError(f"model has no DOConv2d layers to export ({type(model).__name__})")
-    doconv_core.save_params(path, {name or ROOT_NAME: layer.to_params()
-                                   for name, layer in layers.items()})
+    doconv_core.export_layers(path, model, {name or ROOT_NAME: layer for name, layer
+                                            in doconv_layers(model).items()}, "DOConv2d")
 
 
 def import_params(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
@@ -151,20 +148,15 @@ def import_params(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     """
     layers = {name or ROOT_NAME: layer for name, layer in doconv_layers(model).items()}
     _check_ready(layers, repr(os.fspath(path)))
-    prepared = doconv_core.prepare_import(path, {name: layer.spec
-                                                 for name, layer in layers.items()})
-    for name, layer in layers.items():
-        layer.set_params(prepared[name].params)
-    return sorted(layers)
+    return doconv_core.import_layers(path, layers)
 
 
 def _check_ready(layers: Mapping[str, DOConv2d], source: str) -> None:
     """CheckpointError unless every layer can take values: a meta-device parameter would
     silently ignore them."""
-    on_meta = sorted(name for name, layer in layers.items() if layer._on_meta())
-    if on_meta:
-        raise CheckpointError(f"cannot load {source}: layers {on_meta} are on the meta device; "
-                              "materialise them (model.to_empty(device=...)) first")
+    doconv_core.check_layers_ready(layers, source, lambda layer: not layer._on_meta(),
+                                   "are on the meta device; materialise them "
+                                   "(model.to_empty(device=...)) first")
 
 
 _SOURCE = "the legacy checkpoint"

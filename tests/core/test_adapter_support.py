@@ -1,5 +1,7 @@
 """The core helpers every adapter's model-level functions go through."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,64 @@ def test_prepare_legacy_refuses(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         prepare_legacy(**arguments)
+
+
+class FakeLayer:
+    """What the core's import and export helpers need of an adapter's layer."""
+
+    def __init__(self, spec, ready=True):
+        self.spec, self.ready, self.loaded = spec, ready, None
+        rng = np.random.default_rng(1)
+        self.params = doconv_core.DOConvParams(spec, rng.standard_normal(spec.W_shape),
+                                               rng.standard_normal(spec.D_shape), None)
+
+    def to_params(self):
+        return self.params
+
+    def set_params(self, params):
+        self.loaded = params
+
+
+def test_export_and_import_layers(tmp_path):
+    spec = ConvSpec(2, 4, 3, bias=False)
+    source = {"a": FakeLayer(spec), "b.c": FakeLayer(spec)}
+    doconv_core.export_layers(tmp_path / "m.npz", object(), source, "Fake")
+    target = {"b.c": FakeLayer(spec), "a": FakeLayer(spec)}
+    assert doconv_core.import_layers(tmp_path / "m.npz", target) == ["a", "b.c"]
+    np.testing.assert_array_equal(target["a"].loaded.W, source["a"].params.W)
+    with pytest.raises(ValueError, match=r"model has no Fake layers to export \(list\)"):
+        doconv_core.export_layers(tmp_path / "n.npz", [], {}, "Fake")
+
+
+def test_import_layers_changes_nothing_on_a_mismatch(tmp_path):
+    spec = ConvSpec(2, 4, 3, bias=False)
+    doconv_core.export_layers(tmp_path / "m.npz", None, {"a": FakeLayer(spec)}, "Fake")
+    target = {"a": FakeLayer(spec), "b": FakeLayer(spec)}
+    with pytest.raises(CheckpointError, match=r"missing \['b'\]"):
+        doconv_core.import_layers(tmp_path / "m.npz", target)
+    assert all(layer.loaded is None for layer in target.values())
+
+
+def test_check_layers_ready_names_every_layer_not_ready():
+    spec = ConvSpec(2, 4, 3, bias=False)
+    layers = {"b": FakeLayer(spec, False), "a": FakeLayer(spec, False), "c": FakeLayer(spec)}
+    with pytest.raises(CheckpointError, match=r"^cannot load 'f.npz': layers \['a', 'b'\] are "
+                                              r"waiting; do X$"):
+        doconv_core.check_layers_ready(layers, "'f.npz'", lambda layer: layer.ready,
+                                       "are waiting; do X")
+    doconv_core.check_layers_ready({"c": layers["c"]}, "f", lambda layer: layer.ready, "")
+
+
+def test_assignable_params():
+    spec = ConvSpec(2, 4, 3, bias=False)
+    params = FakeLayer(spec).params
+    assert doconv_core.assignable_params(params, spec.with_in_channels(2)).spec == spec
+    deferred = dataclasses.replace(spec, in_channels=None)
+    assert doconv_core.assignable_params(params, deferred).spec.in_channels == 2
+    with pytest.raises(ValueError, match=r"^params must be DOConvParams, got dict$"):
+        doconv_core.assignable_params({}, spec)
+    with pytest.raises(ValueError, match=r"params.spec must describe this layer's function"):
+        doconv_core.assignable_params(params, ConvSpec(2, 4, 5, bias=False))
+    as_int = doconv_core.DOConvParams(spec, params.W.astype(np.int64), params.D, None)
+    with pytest.raises(CheckpointError, match=r"W must hold floating-point numbers"):
+        doconv_core.assignable_params(as_int, spec)
