@@ -49,22 +49,39 @@ from .params import (
     save_params,
 )
 from .reference import (
+    conv,
     conv2d,
     conv2d_vjp,
+    conv_vjp,
+    doconv,
     doconv2d,
     doconv2d_features,
     doconv2d_vjp,
+    doconv_features,
+    doconv_vjp,
     pad_input,
 )
 from .selection import Include, layer_filter, nothing_to_convert, nothing_to_fuse
-from .spec import PADDING_MODES, ConvSpec, check_D_mul, check_int, check_pair, check_padding
+from .spec import (
+    PADDING_MODES,
+    RANKS,
+    ConvSpec,
+    check_D_mul,
+    check_int,
+    check_pair,
+    check_padding,
+    check_rank,
+    check_tuple,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConvSpec", "PADDING_MODES", "check_D_mul", "check_int", "check_pair", "check_padding",
+    "ConvSpec", "PADDING_MODES", "RANKS", "check_D_mul", "check_int", "check_pair",
+    "check_padding", "check_rank", "check_tuple",
     "check_params", "compose_kernel", "compose_kernel_vjp", "embed_kernel", "fuse",
     "identity_d", "oihw_to_hwio", "hwio_to_oihw", "nchw_to_nhwc", "nhwc_to_nchw",
+    "conv", "conv_vjp", "doconv", "doconv_features", "doconv_vjp",
     "conv2d", "conv2d_vjp", "doconv2d", "doconv2d_features", "doconv2d_vjp", "pad_input",
     "DOConvParams", "save_params", "load_params", "match_layers", "CheckpointError", "FORMAT_VERSION",
     "checkpoint_array", "prepare_import", "prepare_legacy", "check_state_keys",

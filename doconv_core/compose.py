@@ -1,7 +1,8 @@
 """Kernel composition, embedding and fusion: the D∘W math, once, in NumPy.
 
-Canonical layout (doconv-math.md): D (C_in, MN, D_mul), W (C_out, C_in/g, D_mul),
-composed kernel K (C_out, C_in/g, M, N) with
+Canonical layout (doconv-math.md), for 1 to 3 spatial axes with MN the kernel's volume (M*N in
+2-D): D (C_in, MN, D_mul), W (C_out, C_in/g, D_mul), composed kernel K (C_out, C_in/g,
+*kernel_size) with
 
     K[o, i, m] = sum_s (D + D_diag)[c(o, i), m, s] * W[o, i, s]
     c(o, i)    = floor(o / (C_out/g)) * (C_in/g) + i
@@ -9,11 +10,12 @@ composed kernel K (C_out, C_in/g, M, N) with
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
-from .spec import ConvSpec, check_int, check_pair
+from .spec import ConvSpec, check_int, check_tuple
 
 
 def identity_d(in_channels: int, mn: int, D_mul: int, dtype: np.dtype = np.float32) -> np.ndarray:
@@ -24,28 +26,39 @@ def identity_d(in_channels: int, mn: int, D_mul: int, dtype: np.dtype = np.float
     return np.broadcast_to(block, (in_channels, mn, D_mul)).copy()
 
 
+def _kernel_size(kernel_size: Sequence[int]) -> tuple[int, ...]:
+    """kernel_size as a tuple of 1 to 3 ints >= 1 (the rank is its length; an int: 2-D)."""
+    if isinstance(kernel_size, (str, bytes)) or not hasattr(kernel_size, "__len__"):
+        return check_tuple("kernel_size", kernel_size, 2)
+    if len(kernel_size) not in (1, 2, 3):
+        raise ValueError(f"kernel_size must have 1 to 3 values (one per spatial axis), got "
+                         f"{len(kernel_size)}: {kernel_size!r}")
+    return check_tuple("kernel_size", kernel_size, len(kernel_size))
+
+
 def _shapes(D: np.ndarray | None, W: np.ndarray, groups: int,
             kernel_size: Sequence[int]) -> tuple[int, int, int, int, int, int]:
     """(C_in, C_out, I_g, O_g, MN, D_mul) after checking D and W agree with each other."""
     groups = check_int("groups", groups)
-    M, N = check_pair("kernel_size", kernel_size)
+    kernel_size = _kernel_size(kernel_size)
     if W.ndim != 3:
         raise ValueError(f"W must have shape (C_out, C_in/groups, D_mul), got shape {W.shape}")
     C_out, I_g, D_mul = W.shape
     if C_out % groups:
         raise ValueError(f"W's C_out ({C_out}) must be divisible by groups ({groups})")
-    mn = M * N
+    mn = math.prod(kernel_size)
     C_in = I_g * groups
+    shape = "x".join(str(k) for k in kernel_size)
     if D is None:
         if mn != 1 or D_mul != 1:
             raise ValueError(
-                f"D is required for a {M}x{N} kernel; without D, W must be (C_out, C_in/groups, 1) "
-                f"for a 1x1 kernel, got W shape {W.shape}"
+                f"D is required for a {shape} kernel; without D, W must be (C_out, "
+                f"C_in/groups, 1) for a kernel of one element, got W shape {W.shape}"
             )
     elif D.shape != (C_in, mn, D_mul):
         raise ValueError(
             f"D must have shape (C_in, M*N, D_mul) = {(C_in, mn, D_mul)} to match W {W.shape}, "
-            f"groups={groups} and kernel_size={(M, N)}, got shape {D.shape}"
+            f"groups={groups} and kernel_size={kernel_size}, got shape {D.shape}"
         )
     return C_in, C_out, I_g, C_out // groups, mn, D_mul
 
@@ -63,9 +76,9 @@ def compose_kernel(D: np.ndarray | None, W: np.ndarray, *, groups: int,
     D = None if D is None else np.asarray(D)
     W = np.asarray(W)
     C_in, C_out, I_g, O_g, mn, D_mul = _shapes(D, W, groups, kernel_size)
-    M, N = check_pair("kernel_size", kernel_size)
+    kernel_size = _kernel_size(kernel_size)
     if D is None:
-        return W.reshape(C_out, I_g, M, N).copy()
+        return W.reshape(C_out, I_g, *kernel_size).copy()
     D_total = D + identity_d(C_in, mn, D_mul, D.dtype) if add_identity else D
     if channel_map is not None:
         channel_map = np.asarray(channel_map)
@@ -73,12 +86,12 @@ def compose_kernel(D: np.ndarray | None, W: np.ndarray, *, groups: int,
             raise ValueError(f"channel_map must have shape (C_out, C_in/groups) = "
                              f"{(C_out, I_g)}, got {channel_map.shape}")
         K = np.einsum("oims,ois->oim", D_total[channel_map], W)
-        return K.reshape(C_out, I_g, M, N)
+        return K.reshape(C_out, I_g, *kernel_size)
     # Batch over (group, input slot): (g, I_g, O_g, S) @ (g, I_g, S, MN) -> (g, I_g, O_g, MN).
     W_batched = W.reshape(groups, O_g, I_g, D_mul).transpose(0, 2, 1, 3)
     D_batched = D_total.reshape(groups, I_g, mn, D_mul).transpose(0, 1, 3, 2)
     K = np.matmul(W_batched, D_batched)
-    return K.transpose(0, 2, 1, 3).reshape(C_out, I_g, M, N)
+    return K.transpose(0, 2, 1, 3).reshape(C_out, I_g, *kernel_size)
 
 
 def compose_kernel_vjp(grad_K: np.ndarray, D: np.ndarray | None, W: np.ndarray, *, groups: int,
@@ -88,7 +101,7 @@ def compose_kernel_vjp(grad_K: np.ndarray, D: np.ndarray | None, W: np.ndarray, 
     W = np.asarray(W)
     C_in, C_out, I_g, O_g, mn, D_mul = _shapes(D, W, groups, kernel_size)
     grad_K = np.asarray(grad_K)
-    if grad_K.shape != (C_out, I_g) + tuple(kernel_size):
+    if grad_K.shape != (C_out, I_g) + _kernel_size(kernel_size):
         raise ValueError(f"grad_K must have the kernel's shape, got {grad_K.shape}")
     if D is None:
         return None, grad_K.reshape(W.shape).copy()
@@ -103,15 +116,18 @@ def compose_kernel_vjp(grad_K: np.ndarray, D: np.ndarray | None, W: np.ndarray, 
 
 def embed_kernel(kernel: np.ndarray, *, groups: int, D_mul: int | None = None
                  ) -> tuple[np.ndarray | None, np.ndarray]:
-    """(D, W) whose composition is exactly ``kernel`` (OIHW): D = 0, W[..., :MN] = kernel."""
+    """(D, W) whose composition is exactly ``kernel`` ((C_out, C_in/g, *kernel_size), OIHW
+    in 2-D): D = 0, W[..., :MN] = kernel."""
     kernel = np.asarray(kernel)
-    if kernel.ndim != 4:
-        raise ValueError(f"kernel must be OIHW (4 dimensions), got shape {kernel.shape}")
-    C_out, I_g, M, N = kernel.shape
+    if kernel.ndim not in (3, 4, 5):
+        raise ValueError("kernel must be (C_out, C_in/groups, *kernel_size) with 1 to 3 spatial "
+                         f"axes (3 to 5 dimensions), got shape {kernel.shape}")
+    C_out, I_g = kernel.shape[:2]
     groups = check_int("groups", groups)
     if C_out % groups:
         raise ValueError(f"the kernel's C_out ({C_out}) must be divisible by groups ({groups})")
-    spec = ConvSpec(I_g * groups, C_out, (M, N), groups=groups, D_mul=D_mul)
+    spec = ConvSpec(I_g * groups, C_out, kernel.shape[2:], groups=groups, D_mul=D_mul,
+                    rank=kernel.ndim - 2)
     W = np.zeros(spec.W_shape, dtype=kernel.dtype)
     W[:, :, : spec.mn] = kernel.reshape(C_out, I_g, spec.mn)
     D = np.zeros(spec.D_shape, dtype=kernel.dtype) if spec.has_D else None
@@ -141,18 +157,25 @@ def check_params(spec: ConvSpec, D: np.ndarray | None, W: np.ndarray,
             )
 
 
-# Layout helpers. PyTorch and Gluon kernels are OIHW, Keras' are HWIO.
+# Layout helpers, for any number of spatial axes. PyTorch and Gluon kernels are OIHW (O, I,
+# then the spatial axes) with channels-first data; Keras' kernels are HWIO with channels-last data.
 def oihw_to_hwio(kernel: np.ndarray) -> np.ndarray:
-    return np.transpose(kernel, (2, 3, 1, 0))
+    """(O, I, *spatial) -> (*spatial, I, O)."""
+    rank = np.ndim(kernel) - 2
+    return np.transpose(kernel, tuple(range(2, 2 + rank)) + (1, 0))
 
 
 def hwio_to_oihw(kernel: np.ndarray) -> np.ndarray:
-    return np.transpose(kernel, (3, 2, 0, 1))
+    """(*spatial, I, O) -> (O, I, *spatial)."""
+    rank = np.ndim(kernel) - 2
+    return np.transpose(kernel, (rank + 1, rank) + tuple(range(rank)))
 
 
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
-    return np.transpose(x, (0, 2, 3, 1))
+    """(N, C, *spatial) -> (N, *spatial, C)."""
+    return np.moveaxis(x, 1, -1)
 
 
 def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
-    return np.transpose(x, (0, 3, 1, 2))
+    """(N, *spatial, C) -> (N, C, *spatial)."""
+    return np.moveaxis(x, -1, 1)

@@ -20,7 +20,8 @@ from .compose import check_params, compose_kernel
 from .spec import ConvSpec
 
 FORMAT_NAME = "doconv.params"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added each layer's rank (1-D, 2-D, 3-D); version 1 files are 2-D
+READABLE_VERSIONS = (1, 2)
 _META_KEY = "__doconv_meta__"
 
 
@@ -159,10 +160,10 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
         raise CheckpointError(f"{where} has corrupt metadata: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{where} is not a {FORMAT_NAME} file")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{where} has format version {meta.get('version')!r}; this doconv reads version "
-            f"{FORMAT_VERSION}"
+            f"{where} has format version {meta.get('version')!r}; this doconv reads versions "
+            f"{', '.join(str(v) for v in READABLE_VERSIONS)}"
         )
     described = meta.get("layers")
     if not isinstance(described, dict):

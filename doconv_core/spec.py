@@ -8,6 +8,7 @@ values, so every framework gives the same message for the same mistake.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Any, Mapping, Sequence, Union
 
@@ -51,52 +52,61 @@ def check_int(name: str, value: Any, *, minimum: int = 1) -> int:
     return result
 
 
-def check_pair(name: str, value: Any, *, minimum: int = 1) -> Pair:
-    """An int or a sequence of two ints, each >= minimum, as a pair."""
+RANKS = (1, 2, 3)
+_TUPLE_WORDS = {1: "a sequence of one of them", 2: "a pair of them", 3: "a triple of them"}
+
+
+def check_rank(value: Any) -> int:
+    """The number of spatial axes: 1, 2 or 3."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in RANKS:
+        raise ValueError(f"rank must be 1, 2 or 3 (spatial axes), got {value!r}")
+    return value
+
+
+def check_tuple(name: str, value: Any, rank: int = 2, *, minimum: int = 1) -> tuple[int, ...]:
+    """An int or a sequence of ``rank`` ints, each >= minimum, as a tuple of ``rank`` ints."""
+    words = f"an integer >= {minimum} or {_TUPLE_WORDS[rank]}"
     if isinstance(value, (str, bytes)):
-        raise ValueError(
-            f"{name} must be an integer >= {minimum} or a pair of them, got {_describe(value)}"
-        )
+        raise ValueError(f"{name} must be {words}, got {_describe(value)}")
     if isinstance(value, Sequence) or (hasattr(value, "__len__") and hasattr(value, "__iter__")):
         items = list(value)
-        if len(items) != 2:
-            raise ValueError(
-                f"{name} must be an integer >= {minimum} or a pair of them, "
-                f"got {len(items)} values: {value!r}"
-            )
+        if len(items) != rank:
+            raise ValueError(f"{name} must be {words}, got {len(items)} values: {value!r}")
         try:
-            return (check_int(name, items[0], minimum=minimum),
-                    check_int(name, items[1], minimum=minimum))
+            return tuple(check_int(name, item, minimum=minimum) for item in items)
         except ValueError:
-            raise ValueError(
-                f"{name} must be an integer >= {minimum} or a pair of them, got {value!r}"
-            ) from None
+            raise ValueError(f"{name} must be {words}, got {value!r}") from None
     try:
         number = check_int(name, value, minimum=minimum)
     except ValueError:
-        raise ValueError(
-            f"{name} must be an integer >= {minimum} or a pair of them, got {_describe(value)}"
-        ) from None
-    return (number, number)
+        raise ValueError(f"{name} must be {words}, got {_describe(value)}") from None
+    return (number,) * rank
 
 
-def check_padding(value: Any) -> Padding:
-    """'valid', 'same' (any case), an int >= 0 or a pair of them."""
+def check_pair(name: str, value: Any, *, minimum: int = 1) -> Pair:
+    """An int or a sequence of two ints, each >= minimum, as a pair."""
+    return check_tuple(name, value, 2, minimum=minimum)  # type: ignore[return-value]
+
+
+def padding_strings(rank: int) -> tuple[str, ...]:
+    """'valid' and 'same'; 'causal' (Keras' Conv1D) too for one spatial axis."""
+    return PADDING_STRINGS + (("causal",) if rank == 1 else ())
+
+
+def check_padding(value: Any, rank: int = 2) -> Padding:
+    """'valid', 'same' ('causal' for rank 1; any case), an int >= 0 or ``rank`` of them."""
+    strings = padding_strings(rank)
+    words = (", ".join(repr(p) for p in strings) + f", an integer >= 0 or "
+             f"{_TUPLE_WORDS[rank]}")
     if isinstance(value, str):
         lowered = value.lower()
-        if lowered not in PADDING_STRINGS:
-            raise ValueError(
-                "padding must be 'valid', 'same', an integer >= 0 or a pair of them, "
-                f"got {value!r}"
-            )
+        if lowered not in strings:
+            raise ValueError(f"padding must be {words}, got {value!r}")
         return lowered
     try:
-        return check_pair("padding", value, minimum=0)
+        return check_tuple("padding", value, rank, minimum=0)
     except ValueError:
-        raise ValueError(
-            "padding must be 'valid', 'same', an integer >= 0 or a pair of them, "
-            f"got {_describe(value)}"
-        ) from None
+        raise ValueError(f"padding must be {words}, got {_describe(value)}") from None
 
 
 def check_padding_mode(value: Any) -> str:
@@ -108,22 +118,30 @@ def check_padding_mode(value: Any) -> str:
     return value
 
 
-def check_D_mul(value: Any, kernel_size: Pair) -> int:
-    """Resolve D_mul: default M*N; >= M*N when M*N > 1; 1 for a 1x1 kernel (no D)."""
-    mn = kernel_size[0] * kernel_size[1]
+def kernel_volume_words(kernel_size: Sequence[int]) -> str:
+    """How messages name the kernel's volume: 'kernel height*width = 9 for a 3x3 kernel'."""
+    volume = math.prod(kernel_size)
+    shape = "x".join(str(k) for k in kernel_size)
+    what = {1: "kernel size", 2: "kernel height*width", 3: "kernel volume"}[len(kernel_size)]
+    return f"{what} = {volume} for a {shape} kernel"
+
+
+def check_D_mul(value: Any, kernel_size: Sequence[int]) -> int:
+    """Resolve D_mul: default the kernel volume (M*N in 2-D); >= it when it is > 1; 1 for a
+    kernel of one element (no D)."""
+    mn = math.prod(kernel_size)
     if value is None:
         return mn
     number = check_int("D_mul", value)
     if mn == 1 and number != 1:
+        one = "x".join("1" for _ in kernel_size)
         raise ValueError(
-            f"D_mul must be 1 or None for a 1x1 kernel (it has no depthwise part), got {number}"
+            f"D_mul must be 1 or None for a {one} kernel (it has no depthwise part), got {number}"
         )
     if number < mn:
-        # With D_mul < M*N the fixed identity is all zeros and the layer starts dead.
-        raise ValueError(
-            f"D_mul must be >= kernel height*width = {mn} for a "
-            f"{kernel_size[0]}x{kernel_size[1]} kernel, got {number}"
-        )
+        # With D_mul below the kernel volume the fixed identity is all zeros and the layer
+        # starts dead.
+        raise ValueError(f"D_mul must be >= {kernel_volume_words(kernel_size)}, got {number}")
     return number
 
 
@@ -131,30 +149,34 @@ def check_D_mul(value: Any, kernel_size: Pair) -> int:
 class ConvSpec:
     """One DO-Conv layer's hyper-parameters, validated and normalised on construction.
 
-    ``in_channels`` may be None while a framework defers it to the first call
-    (Keras, Gluon); ``with_in_channels`` completes the spec then. Canonical shapes
-    (doconv-math.md): D (C_in, M*N, D_mul), W (C_out, C_in/g, D_mul), bias (C_out,),
-    composed kernel (C_out, C_in/g, M, N).
+    ``rank`` is the number of spatial axes (1, 2 or 3; keyword-only, default 2); kernel_size,
+    stride, dilation and explicit padding hold one int per axis. ``in_channels`` may be None
+    while a framework defers it to the first call (Keras, Gluon); ``with_in_channels``
+    completes the spec then. Canonical shapes (doconv-math.md), with MN the kernel volume
+    (M*N in 2-D): D (C_in, MN, D_mul), W (C_out, C_in/g, D_mul), bias (C_out,), composed
+    kernel (C_out, C_in/g, *kernel_size).
     """
 
     in_channels: int | None
     out_channels: int
-    kernel_size: Pair
-    stride: Pair = (1, 1)
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...] = (1, 1)
     padding: Padding = (0, 0)
-    dilation: Pair = (1, 1)
+    dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
     bias: bool = True
     padding_mode: str = "zeros"
     D_mul: int | None = dataclasses.field(default=None, kw_only=True)
+    rank: int = dataclasses.field(default=2, kw_only=True)
 
     def __post_init__(self) -> None:
+        rank = check_rank(self.rank)
         normal = {
             "out_channels": check_int("out_channels", self.out_channels),
-            "kernel_size": check_pair("kernel_size", self.kernel_size),
-            "stride": check_pair("stride", self.stride),
-            "padding": check_padding(self.padding),
-            "dilation": check_pair("dilation", self.dilation),
+            "kernel_size": check_tuple("kernel_size", self.kernel_size, rank),
+            "stride": check_tuple("stride", self.stride, rank),
+            "padding": check_padding(self.padding, rank),
+            "dilation": check_tuple("dilation", self.dilation, rank),
             "groups": check_int("groups", self.groups),
             "padding_mode": check_padding_mode(self.padding_mode),
         }
@@ -180,7 +202,8 @@ class ConvSpec:
     # -- derived shapes ------------------------------------------------------
     @property
     def mn(self) -> int:
-        return self.kernel_size[0] * self.kernel_size[1]
+        """The kernel's volume: M*N in 2-D, its length in 1-D, M*N*P in 3-D."""
+        return math.prod(self.kernel_size)
 
     @property
     def has_D(self) -> bool:
@@ -204,8 +227,8 @@ class ConvSpec:
         return (self.out_channels, self.in_per_group, self.D_mul)
 
     @property
-    def kernel_shape(self) -> tuple[int, int, int, int]:
-        """The composed kernel's OIHW shape."""
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The composed kernel's shape: (C_out, C_in/g, *kernel_size), OIHW in 2-D."""
         return (self.out_channels, self.in_per_group) + self.kernel_size
 
     @property
@@ -231,59 +254,65 @@ class ConvSpec:
                 f"got {channels}"
             )
 
-    def resolve_padding(self, in_hw: Sequence[int]) -> tuple[Pair, Pair]:
-        """((top, bottom), (left, right)) for an input of spatial size in_hw.
+    def resolve_padding(self, in_sizes: Sequence[int]) -> tuple[Pair, ...]:
+        """(before, after) per spatial axis for an input of spatial size ``in_sizes``.
 
         'same' follows TensorFlow (and PyTorch, which allows it for stride 1 only):
         total = max((ceil(n/s) - 1)*s + (k - 1)*d + 1 - n, 0), the smaller half first.
+        'causal' (1-D) pads (k - 1)*d before and nothing after.
         """
         if self.padding == "valid":
-            return ((0, 0), (0, 0))
+            return ((0, 0),) * self.rank
+        if self.padding == "causal":
+            return tuple(((k - 1) * d, 0) for k, d in zip(self.kernel_size, self.dilation))
         if self.padding == "same":
             pads = []
-            for n, k, s, d in zip(in_hw, self.kernel_size, self.stride, self.dilation):
+            for n, k, s, d in zip(in_sizes, self.kernel_size, self.stride, self.dilation):
                 out = -(-n // s)
                 total = max((out - 1) * s + (k - 1) * d + 1 - n, 0)
                 pads.append((total // 2, total - total // 2))
-            return (pads[0], pads[1])
-        ph, pw = self.padding
-        return ((ph, ph), (pw, pw))
+            return tuple(pads)
+        return tuple((p, p) for p in self.padding)
 
-    def fixed_padding(self) -> tuple[Pair, Pair]:
-        """((top, bottom), (left, right)) for a padding that does not depend on the input size:
-        explicit, 'valid', or 'same' with stride 1; a ValueError for strided 'same'."""
-        if self.padding == "same" and self.stride != (1, 1):
+    def fixed_padding(self) -> tuple[Pair, ...]:
+        """(before, after) per spatial axis for a padding that does not depend on the input
+        size: explicit, 'valid', 'causal', or 'same' with stride 1; a ValueError for strided
+        'same'."""
+        if self.padding == "same" and any(s != 1 for s in self.stride):
             raise ValueError(f"padding 'same' with stride {self.stride} depends on the input "
                              "size; it has no fixed padding")
-        return self.resolve_padding((1, 1))  # with stride 1 'same' pads the same at any size
+        # With stride 1 'same' pads the same at any size.
+        return self.resolve_padding((1,) * self.rank)
 
-    def output_size(self, in_hw: Sequence[int | None]) -> tuple[int | None, int | None]:
+    def output_size(self, in_sizes: Sequence[int | None]) -> tuple[int | None, ...]:
         """The output's spatial size (None where the input's is unknown); a ValueError for an
         input too small to give one output position."""
-        known = [1 if n is None else n for n in in_hw]
+        known = [1 if n is None else n for n in in_sizes]
         pads = self.resolve_padding(known)
         sizes = []
         for n, (before, after), k, s, d in zip(
-            in_hw, pads, self.kernel_size, self.stride, self.dilation
+            in_sizes, pads, self.kernel_size, self.stride, self.dilation
         ):
             sizes.append(None if n is None else (n + before + after - (k - 1) * d - 1) // s + 1)
         if any(size is not None and size < 1 for size in sizes):
             raise ValueError(
-                f"an input of spatial size {tuple(in_hw)} is too small for kernel_size "
+                f"an input of spatial size {tuple(in_sizes)} is too small for kernel_size "
                 f"{self.kernel_size} with dilation {self.dilation} and padding {self.padding!r}"
             )
-        return (sizes[0], sizes[1])
+        return tuple(sizes)
 
     def normalized(self) -> "ConvSpec":
         """The same layer function with its padding spelled one way: explicit pads where
         'same' does not depend on the input size (stride 1, even (k-1)*d), 'valid' for no
         padding, and padding mode 'zeros' where nothing is padded."""
         padding = self.padding
+        totals = [(k - 1) * d for k, d in zip(self.kernel_size, self.dilation)]
         if padding == "same":
-            totals = [(k - 1) * d for k, d in zip(self.kernel_size, self.dilation)]
-            if self.stride == (1, 1) and not any(t % 2 for t in totals):
-                padding = (totals[0] // 2, totals[1] // 2)
-        if padding == (0, 0):
+            if all(s == 1 for s in self.stride) and not any(t % 2 for t in totals):
+                padding = tuple(t // 2 for t in totals)
+        if padding == "causal" and not any(totals):
+            padding = "valid"
+        if padding == (0,) * self.rank:
             padding = "valid"
         mode = "zeros" if padding == "valid" else self.padding_mode
         return dataclasses.replace(self, padding=padding, padding_mode=mode)
@@ -299,11 +328,11 @@ class ConvSpec:
         return a.normalized() == b.normalized()
 
     def string_padding(self) -> str | None:
-        """'valid' or 'same' where that padding computes this spec's function (for
-        frameworks that take only those two), else None; a string padding is kept."""
+        """'valid', 'same' (or, in 1-D, 'causal') where that padding computes this spec's
+        function (for frameworks that take only those), else None; a string padding is kept."""
         if isinstance(self.padding, str):
             return self.padding
-        for padding in PADDING_STRINGS:
+        for padding in padding_strings(self.rank):
             if self.same_function(dataclasses.replace(self, padding=padding,
                                                       padding_mode="zeros")):
                 return padding

@@ -77,7 +77,7 @@ def set_meta(arrays, **updates):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda a: set_meta(a, version=99), r"has format version 99; this doconv reads version 1"),
+    (lambda a: set_meta(a, version=99), r"has format version 99; this doconv reads versions 1, 2"),
     (lambda a: set_meta(a, format="other"), r"is not a doconv.params file"),
     (lambda a: a.pop("head/W"), r"layer 'head' is missing its W array"),
     (lambda a: a.pop("stem.conv/D"), r"layer 'stem.conv' is missing its D array"),
