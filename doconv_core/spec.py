@@ -160,9 +160,10 @@ class ConvSpec:
     in_channels: int | None
     out_channels: int
     kernel_size: tuple[int, ...]
-    stride: tuple[int, ...] = (1, 1)
-    padding: Padding = (0, 0)
-    dilation: tuple[int, ...] = (1, 1)
+    # Defaults are ints so that every rank takes them; all three become tuples of ``rank``.
+    stride: tuple[int, ...] = 1
+    padding: Padding = 0
+    dilation: tuple[int, ...] = 1
     groups: int = 1
     bias: bool = True
     padding_mode: str = "zeros"

@@ -4,10 +4,11 @@
     python tests/transfer_models.py import FRAMEWORK --artifacts DIR --from torch,keras-tf,...
     python tests/transfer_models.py import-everywhere --artifacts DIR --envs .tox
 
-``export`` trains the model (doconv_core.testing.crosscheck.TRANSFER_LAYERS, ReLU between convs,
-global average pool) for a few SGD steps in FRAMEWORK, writes its parameters to the
-portable .npz and its own probe predictions (unfused and fused). ``import`` loads every
-other framework's file into FRAMEWORK's model and writes its predictions. The ``cross``
+``export`` trains each transfer model (doconv_core.testing.crosscheck.TRANSFER_MODELS: a 1-D, a
+2-D and a 3-D one, ReLU between convs, global average pool) for a few SGD steps in FRAMEWORK,
+writes its parameters to the portable .npz and its own probe predictions (unfused and fused).
+``import`` loads every other framework's files into FRAMEWORK's models and writes their
+predictions. The ``cross``
 env then compares everything with the NumPy reference (crosscheck --transfer).
 Each framework's code runs in that framework's own environment.
 """
@@ -26,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from doconv_core.testing import crosscheck  # noqa: E402
-from doconv_core.testing.crosscheck import TRANSFER_LAYERS  # noqa: E402
+from doconv_core.testing.crosscheck import TRANSFER_MODELS  # noqa: E402
 
 FRAMEWORKS = ("torch", "keras-tf", "keras-jax", "keras-torch", "mx")
 
 
 class TorchModel:
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
         import torch
         from torch import nn
 
@@ -40,14 +41,17 @@ class TorchModel:
 
         self.torch, self.doconv = torch, doconv_torch
         torch.manual_seed(0)
+        specs, spatial = TRANSFER_MODELS[model]
+        rank = len(spatial)
+        layer_class = getattr(doconv_torch, f"DOConv{rank}d")
         layers: OrderedDict = OrderedDict()
-        for index, (name, s) in enumerate(TRANSFER_LAYERS.items()):
-            layers[name] = doconv_torch.DOConv2d(
+        for index, (name, s) in enumerate(specs.items()):
+            layers[name] = layer_class(
                 s.in_channels, s.out_channels, s.kernel_size, s.stride, s.padding, s.dilation,
                 s.groups, s.bias, s.padding_mode, D_mul=s.D_mul)
-            if index < len(TRANSFER_LAYERS) - 1:
+            if index < len(specs) - 1:
                 layers[f"relu{index + 1}"] = nn.ReLU()
-        layers["pool"] = nn.AdaptiveAvgPool2d(1)
+        layers["pool"] = getattr(nn, f"AdaptiveAvgPool{rank}d")(1)
         layers["flatten"] = nn.Flatten()
         self.model = nn.Sequential(layers)
 
@@ -77,28 +81,31 @@ class TorchModel:
 
 
 class KerasModel:
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
         import keras
 
         import doconv_tf
 
         self.keras, self.doconv = keras, doconv_tf
         keras.utils.set_random_seed(0)
-        layers = [keras.Input((12, 12, 3))]
-        for index, (name, s) in enumerate(TRANSFER_LAYERS.items()):
+        specs, spatial = TRANSFER_MODELS[model]
+        rank = len(spatial)
+        layer_class = getattr(doconv_tf, f"DOConv{rank}D")
+        layers = [keras.Input(spatial + (3,))]
+        for index, (name, s) in enumerate(specs.items()):
             padding = s.padding if isinstance(s.padding, str) else "valid"
-            layers.append(doconv_tf.DOConv2D(
+            layers.append(layer_class(
                 s.out_channels, s.kernel_size, s.stride, padding, dilation_rate=s.dilation,
                 groups=s.groups, use_bias=s.bias, D_mul=s.D_mul, name=name,
-                activation="relu" if index < len(TRANSFER_LAYERS) - 1 else None))
-        layers.append(keras.layers.GlobalAveragePooling2D())
+                activation="relu" if index < len(specs) - 1 else None))
+        layers.append(getattr(keras.layers, f"GlobalAveragePooling{rank}D")())
         self.model = keras.Sequential(layers)
 
     def train(self, x: np.ndarray, target: np.ndarray) -> None:
         keras = self.keras
         self.model.compile(optimizer=keras.optimizers.SGD(crosscheck.TRANSFER_LEARNING_RATE),
                            loss="mse")
-        self.model.fit(np.transpose(x, (0, 2, 3, 1)), target, batch_size=len(x),
+        self.model.fit(np.moveaxis(x, 1, -1), target, batch_size=len(x),
                        epochs=crosscheck.TRANSFER_STEPS, shuffle=False, verbose=0)
 
     def save(self, path: str) -> None:
@@ -108,14 +115,14 @@ class KerasModel:
         self.doconv.import_params(self.model, path)
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        nhwc = np.transpose(x, (0, 2, 3, 1))
-        unfused = self.model.predict(nhwc, verbose=0)
-        fused = self.doconv.fuse(self.model).predict(nhwc, verbose=0)
+        channels_last = np.moveaxis(x, 1, -1)
+        unfused = self.model.predict(channels_last, verbose=0)
+        fused = self.doconv.fuse(self.model).predict(channels_last, verbose=0)
         return np.asarray(unfused), np.asarray(fused)
 
 
 class MxModel:
-    def __init__(self) -> None:
+    def __init__(self, model: str) -> None:
         import mxnet as mx
         from mxnet import gluon
 
@@ -123,23 +130,26 @@ class MxModel:
 
         self.mx, self.gluon, self.doconv = mx, gluon, doconv_mx
         mx.random.seed(0)
+        specs, spatial = TRANSFER_MODELS[model]
+        rank = len(spatial)
+        layer_class = getattr(doconv_mx, f"DOConv{rank}D")
 
         class Net(gluon.HybridBlock):
             def __init__(self) -> None:
                 super().__init__()
                 with self.name_scope():
-                    for index, (name, s) in enumerate(TRANSFER_LAYERS.items()):
+                    for index, (name, s) in enumerate(specs.items()):
                         padding = s.normalized().padding
-                        setattr(self, name, doconv_mx.DOConv2D(
+                        setattr(self, name, layer_class(
                             s.out_channels, s.kernel_size, s.stride,
-                            (0, 0) if padding == "valid" else padding, s.dilation, s.groups,
-                            activation="relu" if index < len(TRANSFER_LAYERS) - 1 else None,
+                            (0,) * rank if padding == "valid" else padding, s.dilation,
+                            s.groups, activation="relu" if index < len(specs) - 1 else None,
                             use_bias=s.bias, in_channels=s.in_channels, D_mul=s.D_mul))
 
             def hybrid_forward(self, F, x):
-                for name in TRANSFER_LAYERS:
+                for name in specs:
                     x = getattr(self, name)(x)
-                return F.mean(x, axis=(2, 3))
+                return F.mean(x, axis=tuple(range(2, 2 + rank)))
 
         self.model = Net()
         self.model.initialize(mx.init.Xavier())
@@ -166,30 +176,35 @@ class MxModel:
         return unfused, fused
 
 
-def make_model(framework: str):
+def make_model(framework: str, model: str):
     if framework.startswith("keras-"):
         backend = {"keras-tf": "tensorflow", "keras-jax": "jax", "keras-torch": "torch"}[framework]
         if os.environ.setdefault("KERAS_BACKEND", backend) != backend:
             raise SystemExit(f"{framework} needs KERAS_BACKEND={backend}, "
                              f"got {os.environ['KERAS_BACKEND']}")
-        return KerasModel()
+        return KerasModel(model)
     if framework == "torch":
-        return TorchModel()
+        return TorchModel(model)
     if framework == "mx":
-        return MxModel()
+        return MxModel(model)
     raise SystemExit(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
 
 
-def export(framework: str, directory: str) -> str:
-    data = crosscheck.transfer_data()
-    model = make_model(framework)
-    model.train(data["x"], data["target"])
+def export(framework: str, directory: str) -> list[str]:
+    """Train and export every transfer model; the parameter files written."""
     os.makedirs(directory, exist_ok=True)
-    path = crosscheck.transfer_paths(directory, framework)
-    model.save(path)
-    crosscheck.save_predictions(crosscheck.transfer_paths(directory, framework, framework),
-                                *model.predict(data["probe"]))
-    return path
+    written = []
+    for name in TRANSFER_MODELS:
+        data = crosscheck.transfer_data(name)
+        model = make_model(framework, name)
+        model.train(data["x"], data["target"])
+        path = crosscheck.transfer_paths(directory, framework, model=name)
+        model.save(path)
+        crosscheck.save_predictions(
+            crosscheck.transfer_paths(directory, framework, framework, name),
+            *model.predict(data["probe"]))
+        written.append(path)
+    return written
 
 
 def export_and_check(framework: str, directory: str) -> list[str]:
@@ -197,23 +212,26 @@ def export_and_check(framework: str, directory: str) -> list[str]:
     the failures (an empty list when it passes)."""
     export(framework, directory)
     _, failures, passed = crosscheck.compare_transfer(directory, [framework])
-    return failures if passed == 1 else failures + [f"{framework}: nothing compared"]
+    expected = len(TRANSFER_MODELS)
+    return failures if passed == expected else failures + [
+        f"{framework}: {passed} of {expected} models compared"]
 
 
 def import_all(framework: str, directory: str, exporters: list[str]) -> list[str]:
-    probe = crosscheck.transfer_data()["probe"]
     written = []
-    for exporter in exporters:
-        if exporter == framework:
-            continue
-        source = crosscheck.transfer_paths(directory, exporter)
-        if not os.path.exists(source):
-            raise SystemExit(f"missing {source}: run the {exporter} env first")
-        model = make_model(framework)
-        model.load(source)
-        target = crosscheck.transfer_paths(directory, exporter, framework)
-        crosscheck.save_predictions(target, *model.predict(probe))
-        written.append(target)
+    for name in TRANSFER_MODELS:
+        probe = crosscheck.transfer_data(name)["probe"]
+        for exporter in exporters:
+            if exporter == framework:
+                continue
+            source = crosscheck.transfer_paths(directory, exporter, model=name)
+            if not os.path.exists(source):
+                raise SystemExit(f"missing {source}: run the {exporter} env first")
+            model = make_model(framework, name)
+            model.load(source)
+            target = crosscheck.transfer_paths(directory, exporter, framework, name)
+            crosscheck.save_predictions(target, *model.predict(probe))
+            written.append(target)
     return written
 
 
@@ -254,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.framework is None:
         parser.error(f"{args.action} needs a framework")
     if args.action == "export":
-        print(export(args.framework, args.artifacts))
+        for path in export(args.framework, args.artifacts):
+            print(path)
     else:
         for path in import_all(args.framework, args.artifacts, args.exporters.split(",")):
             print(path)

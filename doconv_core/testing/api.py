@@ -1,8 +1,9 @@
 """The public API every adapter offers, kept in one place; each adapter's tests check it.
 
-The layer class keeps its framework's name (``DOConv2d`` beside PyTorch's ``Conv2d``,
-``DOConv2D`` beside Keras' and Gluon's ``Conv2D``) and its framework's constructor; everything
-else is spelled, called and returns the same way in every adapter.
+The layer classes keep their framework's names (``DOConv1d``/``DOConv2d``/``DOConv3d`` beside
+PyTorch's ``Conv1d``/``Conv2d``/``Conv3d``, ``DOConv1D``/``2D``/``3D`` beside Keras' and Gluon's
+``Conv1D``/``2D``/``3D``) and their framework's constructors; everything else is spelled, called
+and returns the same way in every adapter.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from pathlib import Path
 from types import ModuleType
 
 ADAPTERS = ("doconv_torch", "doconv_tf", "doconv_mx")
-LAYER_CLASSES = {"doconv_torch": "DOConv2d", "doconv_tf": "DOConv2D", "doconv_mx": "DOConv2D"}
+# One layer class per spatial rank (1-D, 2-D, 3-D), named as the framework names its convs.
+LAYER_CLASSES = {"doconv_torch": ("DOConv1d", "DOConv2d", "DOConv3d"),
+                 "doconv_tf": ("DOConv1D", "DOConv2D", "DOConv3D"),
+                 "doconv_mx": ("DOConv1D", "DOConv2D", "DOConv3D")}
 
 # The public module files of every adapter; private helpers live in `_`-files beside them.
 PUBLIC_MODULES = ("__init__.py", "layer.py", "model.py")
@@ -62,7 +66,7 @@ def api_problems(package: ModuleType) -> list[str]:
                     or p.name == "__init__.py")
     if public != sorted(PUBLIC_MODULES):
         problems.append(f"{name} has public modules {public}, expected {sorted(PUBLIC_MODULES)}")
-    for export in EXPORTS + (LAYER_CLASSES[name],):
+    for export in EXPORTS + LAYER_CLASSES[name]:
         if export not in getattr(package, "__all__", ()):
             problems.append(f"{name}.__all__ lacks {export!r}")
     for function, expected in MODEL_FUNCTIONS.items():
@@ -73,11 +77,17 @@ def api_problems(package: ModuleType) -> list[str]:
             problems.append(f"{name}.{function} comes from {value.__module__}, not {name}.model")
         elif _unannotated(value) != expected:
             problems.append(f"{name}.{function}{_unannotated(value)} differs from {expected}")
-    layer = getattr(package, LAYER_CLASSES[name], None)
+    for class_name in LAYER_CLASSES[name]:
+        problems += _layer_problems(name, getattr(package, class_name, None), class_name)
+    return problems
+
+
+def _layer_problems(package: str, layer: type | None, class_name: str) -> list[str]:
     if layer is None:
-        return problems + [f"{name}.{LAYER_CLASSES[name]} is missing"]
-    if layer.__module__ != f"{name}.layer":
-        problems.append(f"{name}.{layer.__name__} comes from {layer.__module__}")
+        return [f"{package}.{class_name} is missing"]
+    problems = []
+    if layer.__module__ != f"{package}.layer":
+        problems.append(f"{package}.{layer.__name__} comes from {layer.__module__}")
     for member, required in LAYER_MEMBERS.items():
         value = inspect.getattr_static(layer, member, None)
         if value is None:

@@ -26,7 +26,7 @@ KERNEL_SIZES = ((1, 1), (3, 3), (5, 5), (1, 3), (3, 1))
 class Case:
     name: str
     spec: ConvSpec
-    input_shape: tuple[int, int, int, int]  # NCHW
+    input_shape: tuple[int, ...]  # channels first: (N, C, *spatial)
 
     def arrays(self, dtype: np.dtype = np.float64, seed: int = 0) -> dict[str, np.ndarray | None]:
         """Deterministic x, D, W, bias for this case (D nonzero so mapping errors show)."""
@@ -93,6 +93,55 @@ def property_cases() -> list[Case]:
         seen.add(name)
         cases.append(_case(name, kind, kernel, extra, stride, dilation, padding, mode, bias))
     return cases
+
+
+# 1-D and 3-D: each group kind with kernels of one element, the smallest odd kernel and a
+# larger or uneven one; D_mul equal to and above the kernel volume; stride, dilation, every
+# padding kind (causal in 1-D) and padding mode; bias on and off.
+RANK_KERNEL_SIZES = {1: ((1,), (3,), (5,)), 3: ((1, 1, 1), (3, 3, 3), (1, 3, 3), (3, 1, 2))}
+RANK_PADDINGS = {1: ("valid", "same", "causal", 1), 3: ("valid", "same", 1, (1, 0, 1))}
+RANK_INPUT_SIZES = {1: (13,), 3: (6, 7, 5)}
+
+
+def rank_cases() -> list[Case]:
+    """The fixed 1-D and 3-D cases: a seeded sample of each rank's grid plus every group kind
+    with every kernel size."""
+    cases = []
+    for rank in (1, 3):
+        grid = list(itertools.product(
+            GROUP_KINDS, RANK_KERNEL_SIZES[rank], (0, 3), (1, 2), (1, 2), RANK_PADDINGS[rank],
+            PADDING_MODES, (True, False)))
+        rng = np.random.default_rng(20221 + rank)
+        chosen = [grid[i] for i in sorted(rng.choice(len(grid), size=16, replace=False))]
+        for index, (kind, kernel) in enumerate(itertools.product(GROUP_KINDS,
+                                                                 RANK_KERNEL_SIZES[rank])):
+            chosen.append((kind, kernel, 3, 1 + index % 2, 1, "same", PADDING_MODES[index % 4],
+                           bool(index % 2)))
+        seen = set()
+        for kind, kernel, extra, stride, dilation, padding, mode, bias in chosen:
+            volume = int(np.prod(kernel))
+            if volume == 1:
+                extra = 0
+            if padding == "same" and stride > 1:
+                stride = 1  # 'same' with a stride is TensorFlow's alone; keep cases portable
+            pad_name = (padding if isinstance(padding, str)
+                        else "_".join(map(str, np.atleast_1d(padding))))
+            name = (f"{rank}d-{kind}-k{'x'.join(map(str, kernel))}-dmul+{extra}-s{stride}-"
+                    f"d{dilation}-p{pad_name}-{mode}-{'bias' if bias else 'nobias'}")
+            if name in seen:
+                continue
+            seen.add(name)
+            in_channels, out_channels, groups = channels_for(kind, 2, 3, 3)
+            spec = ConvSpec(in_channels, out_channels, kernel, stride, padding, dilation, groups,
+                            bias=bias, padding_mode=mode, D_mul=1 if volume == 1 else
+                            volume + extra, rank=rank)
+            cases.append(Case(name, spec, (2, in_channels) + RANK_INPUT_SIZES[rank]))
+    return cases
+
+
+def cross_cases() -> list[Case]:
+    """Every case the cross-framework check compares: the 2-D set, then 1-D and 3-D."""
+    return property_cases() + rank_cases()
 
 
 def digest(cases: list[Case]) -> str:

@@ -1,10 +1,10 @@
 """Cross-framework equivalence through files.
 
 No environment holds all three frameworks, so each framework's test env runs its
-adapter on the fixed case set (``doconv_core.testing.cases.property_cases``) and writes, per
+adapter on the fixed case set (``doconv_core.testing.cases.cross_cases``: 2-D, 1-D, 3-D) and writes, per
 case and dtype, the output, the composed kernel and the gradients of a fixed loss
 ``sum(y * R)`` (R seeded per case) to ``<artifacts>/<framework>.npz``, everything in
-the canonical layout (NCHW data, OIHW kernel, D and W as in doconv-math.md). The
+the canonical layout (channels-first data, OIHW-style kernel, D and W as in doconv-math.md). The
 ``cross`` env then compares every framework with the NumPy reference and with each
 other, and fails on any error above tolerance, on missing artifacts, or on artifacts
 made from another case set.
@@ -25,11 +25,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .cases import Case, digest, property_cases
+from .cases import Case, cross_cases, digest
 from ..spec import ConvSpec
 from ..compose import compose_kernel
 from ..params import CheckpointError, DOConvParams, load_params
-from ..reference import doconv2d, doconv2d_vjp
+from ..reference import doconv, doconv_vjp
 
 FIELDS = ("output", "kernel", "grad_x", "grad_D", "grad_W", "grad_bias")
 DTYPES = ("float32", "float64")
@@ -59,8 +59,8 @@ def reference_results(case: Case, dtype: str) -> dict[str, np.ndarray | None]:
     arrays = {k: None if v is None else v.astype(dtype).astype(np.float64)
               for k, v in arrays.items()}
     x, D, W, bias = arrays["x"], arrays["D"], arrays["W"], arrays["bias"]
-    y = doconv2d(x, D, W, bias, case.spec)
-    grads = doconv2d_vjp(x, D, W, bias, case.spec,
+    y = doconv(x, D, W, bias, case.spec)
+    grads = doconv_vjp(x, D, W, bias, case.spec,
                          loss_weights(case, y.shape, dtype).astype(np.float64))
     results = {"output": y, "kernel": compose_kernel(D, W, groups=case.spec.groups,
                                                       kernel_size=case.spec.kernel_size)}
@@ -80,7 +80,7 @@ def write_artifacts(directory: str | os.PathLike, framework: str,
                     results: Mapping[tuple[str, str], Mapping[str, np.ndarray | None]],
                     unsupported: Mapping[str, str], cases: Sequence[Case] | None = None) -> str:
     """Save one framework's results; ``unsupported`` names what it cannot express, and why."""
-    cases = property_cases() if cases is None else list(cases)
+    cases = cross_cases() if cases is None else list(cases)
     names = {case.name for case in cases}
     arrays: dict[str, np.ndarray] = {}
     for (case_name, dtype), fields in results.items():
@@ -117,7 +117,7 @@ def produce_artifacts(directory: str | os.PathLike, framework: str,
     ``unsupported_reason(case, dtype)`` returns why the framework cannot express a case,
     or None.
     """
-    cases = property_cases() if cases is None else list(cases)
+    cases = cross_cases() if cases is None else list(cases)
     results: dict[tuple[str, str], Mapping[str, np.ndarray]] = {}
     unsupported: dict[str, str] = {}
     for case in cases:
@@ -181,7 +181,7 @@ def _errors(a: np.ndarray, b: np.ndarray, scale: np.ndarray) -> tuple[float, flo
 
 def compare(artifacts: Sequence[Artifacts], cases: Sequence[Case] | None = None) -> list[Row]:
     """Every framework against the reference, and every pair of frameworks with each other."""
-    cases = property_cases() if cases is None else list(cases)
+    cases = cross_cases() if cases is None else list(cases)
     expected_digest = digest(cases)
     rows: list[Row] = []
     for art in artifacts:
@@ -246,7 +246,7 @@ def failure_lines(rows: Iterable[Row], limit: int = 30) -> list[str]:
     return lines
 
 
-# -- transfer: a small model trained in one framework, loaded into the others ------------
+# -- transfer: small models trained in one framework, loaded into the others --------------
 # Expressible in every framework: stride-1 'same' with odd kernels, 'valid' otherwise.
 TRANSFER_LAYERS = {
     "conv1": ConvSpec(3, 8, 3, padding="same"),
@@ -254,37 +254,56 @@ TRANSFER_LAYERS = {
     "conv3": ConvSpec(8, 16, 3, padding="same", groups=8, bias=False),  # depthwise, x2
     "conv4": ConvSpec(16, 10, 1),
 }
+# name -> (layers, the input's spatial size): one model per rank.
+TRANSFER_MODELS: dict[str, tuple[dict[str, ConvSpec], tuple[int, ...]]] = {
+    "2d": (TRANSFER_LAYERS, (12, 12)),
+    "1d": ({
+        "conv1": ConvSpec(3, 8, 5, padding="same", rank=1),
+        "conv2": ConvSpec(8, 8, 3, stride=2, padding="valid", groups=2, D_mul=5, rank=1),
+        "conv3": ConvSpec(8, 16, 3, padding="same", groups=8, bias=False, rank=1),
+        "conv4": ConvSpec(16, 10, 1, rank=1),
+    }, (24,)),
+    "3d": ({
+        "conv1": ConvSpec(3, 6, 3, padding="same", rank=3),
+        "conv2": ConvSpec(6, 6, (1, 3, 3), stride=(1, 2, 2), padding="valid", groups=2,
+                          D_mul=12, rank=3),
+        "conv3": ConvSpec(6, 12, 3, padding="same", groups=6, bias=False, rank=3),
+        "conv4": ConvSpec(12, 10, 1, rank=3),
+    }, (5, 8, 8)),
+}
 TRANSFER_STEPS = 3
 TRANSFER_LEARNING_RATE = 0.05
 # float32 models computed by different libraries: outputs agree to rounding, not bitwise.
 TRANSFER_TOLERANCE = 1e-5
 
 
-def transfer_data() -> dict[str, np.ndarray]:
-    """Training batch (x, target) and the probe input every framework predicts on (NCHW)."""
+def transfer_data(model: str = "2d") -> dict[str, np.ndarray]:
+    """Training batch (x, target) and the probe input every framework predicts on
+    (channels first: (N, 3, *spatial))."""
+    spatial = TRANSFER_MODELS[model][1]
     rng = np.random.default_rng(2022)
-    return {"x": rng.standard_normal((8, 3, 12, 12)).astype(np.float32),
+    return {"x": rng.standard_normal((8, 3) + spatial).astype(np.float32),
             "target": rng.standard_normal((8, 10)).astype(np.float32),
-            "probe": rng.standard_normal((4, 3, 12, 12)).astype(np.float32)}
+            "probe": rng.standard_normal((4, 3) + spatial).astype(np.float32)}
 
 
 def transfer_forward(layers: Mapping[str, DOConvParams], x: np.ndarray) -> np.ndarray:
-    """The transfer model in NumPy: conv, ReLU between convs, global average pool."""
+    """A transfer model in NumPy: conv, ReLU between convs, global average pool."""
     y = np.asarray(x, dtype=np.float64)
-    names = list(TRANSFER_LAYERS)
+    names = list(layers)
     for index, name in enumerate(names):
         p = layers[name]
-        y = doconv2d(y, p.D, p.W, p.bias, p.spec)
+        y = doconv(y, p.D, p.W, p.bias, p.spec)
         if index < len(names) - 1:
             y = np.maximum(y, 0.0)
-    return y.mean(axis=(2, 3))
+    return y.mean(axis=tuple(range(2, y.ndim)))
 
 
 def transfer_paths(directory: str | os.PathLike, exporter: str,
-                   importer: str | None = None) -> str:
+                   importer: str | None = None, model: str = "2d") -> str:
     """Where an exporter's parameters (importer None) or an importer's predictions go."""
-    name = (f"transfer-{exporter}.npz" if importer is None
-            else f"transfer-{exporter}-into-{importer}.npz")
+    name = (f"transfer-{model}-{exporter}.npz" if importer is None
+            else f"transfer-{model}-{exporter}-into-{importer}.npz")
     return os.path.join(directory, name)
 
 
@@ -293,47 +312,52 @@ def save_predictions(path: str, unfused: np.ndarray, fused: np.ndarray) -> None:
         np.savez(handle, unfused=np.asarray(unfused), fused=np.asarray(fused))
 
 
-def compare_transfer(directory: str | os.PathLike, frameworks: Sequence[str]
+def compare_transfer(directory: str | os.PathLike, frameworks: Sequence[str],
+                     models: Sequence[str] = tuple(TRANSFER_MODELS)
                      ) -> tuple[str, list[str], int]:
-    """(table, failures, directions passed): every exporter's model as predicted by every
+    """(table, failures, directions passed): every exporter's models as predicted by every
     framework, unfused and fused, against the NumPy reference of the exported parameters."""
-    probe = transfer_data()["probe"]
-    header = ["exported by \\ predicted by"] + list(frameworks)
+    header = ["model", "exported by \\ predicted by"] + list(frameworks)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     failures: list[str] = []
     passed = 0
-    for exporter in frameworks:
-        cells = [exporter]
-        path = transfer_paths(directory, exporter)
-        if not os.path.exists(path):
-            failures.append(f"missing {path}: run the {exporter} env first")
-            lines.append("| " + " | ".join(cells + ["missing"] * len(frameworks)) + " |")
-            continue
-        layers = load_params(path)
-        if set(layers) != set(TRANSFER_LAYERS) or any(
-                not layers[n].spec.same_function(s) for n, s in TRANSFER_LAYERS.items()):
-            failures.append(f"{path} does not hold the transfer model's layers")
-            continue
-        reference = transfer_forward(layers, probe)
-        scale = max(float(np.max(np.abs(reference))), 1e-12)
-        for importer in frameworks:
-            result = transfer_paths(directory, exporter, importer)
-            if not os.path.exists(result):
-                failures.append(f"missing {result}: {importer} did not load {exporter}'s model")
-                cells.append("missing")
+    for model in models:
+        expected = TRANSFER_MODELS[model][0]
+        probe = transfer_data(model)["probe"]
+        for exporter in frameworks:
+            cells = [model, exporter]
+            path = transfer_paths(directory, exporter, model=model)
+            if not os.path.exists(path):
+                failures.append(f"missing {path}: run the {exporter} env first")
+                lines.append("| " + " | ".join(cells + ["missing"] * len(frameworks)) + " |")
                 continue
-            with np.load(result, allow_pickle=False) as predictions:
-                errors = [float(np.max(np.abs(predictions[kind].astype(np.float64)
-                                              - reference))) / scale
-                          for kind in ("unfused", "fused")]
-            worst = max(errors)
-            if worst <= TRANSFER_TOLERANCE:
-                passed += 1
-            else:
-                failures.append(f"FAIL {exporter} -> {importer}: relative error unfused "
-                                f"{errors[0]:.2e}, fused {errors[1]:.2e}")
-            cells.append(f"{worst:.1e}")
-        lines.append("| " + " | ".join(cells) + " |")
+            layers = load_params(path)
+            if set(layers) != set(expected) or any(
+                    not layers[n].spec.same_function(s) for n, s in expected.items()):
+                failures.append(f"{path} does not hold the {model} transfer model's layers")
+                continue
+            layers = {name: layers[name] for name in expected}  # the model's order
+            reference = transfer_forward(layers, probe)
+            scale = max(float(np.max(np.abs(reference))), 1e-12)
+            for importer in frameworks:
+                result = transfer_paths(directory, exporter, importer, model)
+                if not os.path.exists(result):
+                    failures.append(f"missing {result}: {importer} did not load {exporter}'s "
+                                    f"{model} model")
+                    cells.append("missing")
+                    continue
+                with np.load(result, allow_pickle=False) as predictions:
+                    errors = [float(np.max(np.abs(predictions[kind].astype(np.float64)
+                                                  - reference))) / scale
+                              for kind in ("unfused", "fused")]
+                worst = max(errors)
+                if worst <= TRANSFER_TOLERANCE:
+                    passed += 1
+                else:
+                    failures.append(f"FAIL {model} {exporter} -> {importer}: relative error "
+                                    f"unfused {errors[0]:.2e}, fused {errors[1]:.2e}")
+                cells.append(f"{worst:.1e}")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines), failures, passed
 
 

@@ -7,11 +7,12 @@ import pytest
 
 import doconv_core as dc
 from doconv_core.testing import crosscheck
-from doconv_core.testing.cases import property_cases
+from doconv_core.testing.cases import property_cases, rank_cases
 from doconv_core.legacy import torch_channel_map
 
 CASES = ([c for c in property_cases() if c.name.startswith("between") and c.spec.has_D][:5]
-         + [c for c in property_cases() if c.name.startswith("one")][:5])
+         + [c for c in property_cases() if c.name.startswith("one")][:5]
+         + [c for c in rank_cases() if "between" in c.name][:4])
 
 
 def simulated(cases, kernel_fn=None, noise=0.0):
@@ -23,7 +24,7 @@ def simulated(cases, kernel_fn=None, noise=0.0):
             if kernel_fn is not None and case.spec.has_D:
                 a = case.arrays(np.float64)
                 kernel = kernel_fn(case.spec, a["D"], a["W"])
-                y = dc.conv2d(a["x"], kernel, a["bias"], stride=case.spec.stride,
+                y = dc.conv(a["x"], kernel, a["bias"], stride=case.spec.stride,
                               padding=case.spec.padding, dilation=case.spec.dilation,
                               groups=case.spec.groups, padding_mode=case.spec.padding_mode)
                 fields = dict(fields, kernel=kernel, output=y)
@@ -47,7 +48,7 @@ def run(tmp_path, frameworks, capsys):
 
 @pytest.fixture
 def use_small_case_set(monkeypatch):
-    monkeypatch.setattr(crosscheck, "property_cases", lambda: CASES)
+    monkeypatch.setattr(crosscheck, "cross_cases", lambda: CASES)
 
 
 def test_matching_frameworks_pass(tmp_path, capsys, use_small_case_set):
@@ -119,7 +120,7 @@ def test_produce_artifacts_with_a_numpy_framework(tmp_path, capsys, use_small_ca
     assert len(art.unsupported) == len(CASES) and len(art.results) == len(CASES)
     code, out = run(tmp_path, ["numpy"], capsys)
     assert code == 0, out.err
-    assert "| numpy~reference | float32 | 10 |" in out.out
+    assert f"| numpy~reference | float32 | {len(CASES)} |" in out.out
 
 
 def test_self_check_reports_failures(tmp_path, use_small_case_set):
@@ -131,33 +132,47 @@ def test_self_check_reports_failures(tmp_path, use_small_case_set):
     assert failures and all("between" in line for line in failures if line.startswith("FAIL"))
 
 
-def transfer_params(seed):
+def transfer_params(seed, model="2d"):
     rng = np.random.default_rng(seed)
     return {name: dc.DOConvParams(
         spec, W=rng.standard_normal(spec.W_shape).astype(np.float32),
         D=rng.standard_normal(spec.D_shape).astype(np.float32) * 0.1 if spec.has_D else None,
         bias=rng.standard_normal(spec.out_channels).astype(np.float32) if spec.bias else None)
-        for name, spec in crosscheck.TRANSFER_LAYERS.items()}
+        for name, spec in crosscheck.TRANSFER_MODELS[model][0].items()}
+
+
+def test_transfer_models_have_one_rank_each():
+    assert {model: {spec.rank for spec in layers.values()}
+            for model, (layers, _) in crosscheck.TRANSFER_MODELS.items()} == {
+        "1d": {1}, "2d": {2}, "3d": {3}}
+    for model, (layers, spatial) in crosscheck.TRANSFER_MODELS.items():
+        x = crosscheck.transfer_data(model)["probe"]
+        assert x.shape == (4, 3) + spatial
+        assert crosscheck.transfer_forward(transfer_params(0, model), x).shape == (4, 10)
 
 
 def test_transfer_comparison(tmp_path, capsys):
-    probe = crosscheck.transfer_data()["probe"]
     frameworks = ["a", "b"]
-    for seed, exporter in enumerate(frameworks):
-        layers = transfer_params(seed)
-        dc.save_params(crosscheck.transfer_paths(tmp_path, exporter), layers)
-        good = crosscheck.transfer_forward(layers, probe).astype(np.float32)
-        for importer in frameworks:
-            crosscheck.save_predictions(crosscheck.transfer_paths(tmp_path, exporter, importer),
-                                        good, good)
+    models = list(crosscheck.TRANSFER_MODELS)
+    for model in models:
+        probe = crosscheck.transfer_data(model)["probe"]
+        for seed, exporter in enumerate(frameworks):
+            layers = transfer_params(seed, model)
+            dc.save_params(crosscheck.transfer_paths(tmp_path, exporter, model=model), layers)
+            good = crosscheck.transfer_forward(layers, probe).astype(np.float32)
+            for importer in frameworks:
+                crosscheck.save_predictions(
+                    crosscheck.transfer_paths(tmp_path, exporter, importer, model), good, good)
     table, failures, passed = crosscheck.compare_transfer(tmp_path, frameworks)
-    assert failures == [] and passed == 4
-    assert "| a | " in table
+    assert failures == [] and passed == 4 * len(models)
+    assert "| 3d | a | " in table
     # An importer that reads the other exporter's channels wrongly is caught.
-    wrong = crosscheck.transfer_forward(transfer_params(0), probe)
-    crosscheck.save_predictions(crosscheck.transfer_paths(tmp_path, "b", "a"), wrong, wrong)
-    os.remove(crosscheck.transfer_paths(tmp_path, "a", "b"))
+    probe = crosscheck.transfer_data("1d")["probe"]
+    wrong = crosscheck.transfer_forward(transfer_params(0, "1d"), probe)
+    crosscheck.save_predictions(crosscheck.transfer_paths(tmp_path, "b", "a", "1d"), wrong, wrong)
+    os.remove(crosscheck.transfer_paths(tmp_path, "a", "b", "2d"))
     code = crosscheck.main(["--transfer", "--artifacts", str(tmp_path), "--frameworks", "a,b"])
     out = capsys.readouterr()
     assert code == 1
-    assert "FAIL b -> a" in out.err and "missing" in out.err and "2 passed, 2 failed" in out.out
+    assert "FAIL 1d b -> a" in out.err and "missing" in out.err
+    assert f"{4 * len(models) - 2} passed, 2 failed" in out.out

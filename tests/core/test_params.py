@@ -134,3 +134,101 @@ def test_match_layers():
                                  "new": specs["head"]}, "f.npz")
     with pytest.raises(dc.CheckpointError, match="f.npz: layer 'head' was saved with"):
         dc.match_layers(LAYERS, dict(specs, head=dc.ConvSpec(16, 4, 1)), "f.npz")
+
+
+RANK_LAYERS = {
+    "audio.causal": make_params(dc.ConvSpec(2, 4, 3, 1, "causal", 2, bias=False,
+                                            padding_mode="reflect", D_mul=5, rank=1), 4),
+    "audio.head": make_params(dc.ConvSpec(4, 6, 1, 2, groups=2, rank=1), 5, np.float64),
+    "image": make_params(dc.ConvSpec(3, 6, (3, 1), 2, "same", groups=3, D_mul=4), 6),
+    "volume.block": make_params(dc.ConvSpec(4, 4, (3, 1, 2), (1, 2, 1), (1, 0, 1), (2, 1, 1), 2,
+                                            padding_mode="circular", D_mul=8, rank=3), 7,
+                                np.float64),
+    "volume.head": make_params(dc.ConvSpec(4, 2, 1, rank=3), 8),
+}
+
+
+def test_multi_rank_file_round_trips(tmp_path):
+    path = tmp_path / "ranks.npz"
+    dc.save_params(path, RANK_LAYERS)
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive[_META_KEY]))
+    assert meta["version"] == dc.FORMAT_VERSION == 2
+    assert {name: config["rank"] for name, config in meta["layers"].items()} == {
+        "audio.causal": 1, "audio.head": 1, "image": 2, "volume.block": 3, "volume.head": 3}
+    loaded = dc.load_params(path)
+    assert list(loaded) == list(RANK_LAYERS)
+    for name, original in RANK_LAYERS.items():
+        copy = loaded[name]
+        assert copy.spec == original.spec and copy.spec.rank == original.spec.rank
+        for part in ("W", "D", "bias"):
+            a, b = getattr(original, part), getattr(copy, part)
+            if a is None:
+                assert b is None
+            else:
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
+        assert copy.kernel().shape == original.spec.kernel_shape
+        np.testing.assert_array_equal(copy.kernel(), original.kernel())
+    specs = {name: params.spec for name, params in RANK_LAYERS.items()}
+    dc.match_layers(loaded, specs, "ranks.npz")  # no error
+    with pytest.raises(dc.CheckpointError, match="ranks.npz: layer 'volume.head' was saved with"):
+        dc.match_layers(loaded, dict(specs, **{"volume.head": dc.ConvSpec(4, 2, 1, rank=1)}),
+                        "ranks.npz")
+
+
+def test_single_layer_of_each_rank_round_trips(tmp_path):
+    for name, params in RANK_LAYERS.items():
+        params.save(tmp_path / f"{name}.npz")
+        assert dc.DOConvParams.load(tmp_path / f"{name}.npz").spec == params.spec
+
+
+def write_version_1_file(path, layers):
+    """A file as doconv wrote it before ranks existed: version 1, specs without "rank"."""
+    meta = {"format": "doconv.params", "version": 1, "layers": {}}
+    arrays = {}
+    for name, params in layers.items():
+        config = params.spec.to_dict()
+        del config["rank"]
+        meta["layers"][name] = config
+        for part in ("W", "D", "bias"):
+            if getattr(params, part) is not None:
+                arrays[f"{name}/{part}"] = getattr(params, part)
+    arrays[_META_KEY] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+
+
+def test_version_1_file_loads_as_two_dimensional(tmp_path):
+    path = tmp_path / "old.npz"
+    write_version_1_file(path, LAYERS)
+    with np.load(path, allow_pickle=False) as archive:
+        meta = json.loads(str(archive[_META_KEY]))
+    assert meta["version"] == 1 and all("rank" not in c for c in meta["layers"].values())
+    loaded = dc.load_params(path)
+    assert list(loaded) == list(LAYERS)
+    for name, original in LAYERS.items():
+        assert loaded[name].spec.rank == 2 and loaded[name].spec == original.spec
+        np.testing.assert_array_equal(loaded[name].W, original.W)
+        np.testing.assert_array_equal(loaded[name].kernel(), original.kernel())
+    # Saving it again writes the current version, with the rank.
+    dc.save_params(tmp_path / "new.npz", loaded)
+    with np.load(tmp_path / "new.npz", allow_pickle=False) as archive:
+        meta = json.loads(str(archive[_META_KEY]))
+    assert meta["version"] == 2 and all(c["rank"] == 2 for c in meta["layers"].values())
+
+
+def test_layer_with_a_wrong_rank_is_refused(tmp_path):
+    # A 3-D layer whose metadata says rank 1 no longer matches its arrays or its own tuples.
+    path = tmp_path / "ranks.npz"
+    dc.save_params(path, RANK_LAYERS)
+
+    def relabel(arrays):
+        meta = json.loads(str(arrays[_META_KEY]))
+        meta["layers"]["volume.block"]["rank"] = 1
+        arrays[_META_KEY] = np.array(json.dumps(meta))
+
+    rewrite(path, relabel)
+    with pytest.raises(dc.CheckpointError, match=r"layer 'volume.block' has invalid settings: "
+                                                 r"kernel_size must be an integer >= 1 or a "
+                                                 r"sequence of one of them, got 3 values"):
+        dc.load_params(path)
