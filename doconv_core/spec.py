@@ -58,9 +58,13 @@ _TUPLE_WORDS = {1: "a sequence of one of them", 2: "a pair of them", 3: "a tripl
 
 def check_rank(value: Any) -> int:
     """The number of spatial axes: 1, 2 or 3."""
-    if isinstance(value, bool) or not isinstance(value, int) or value not in RANKS:
+    try:
+        rank = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        rank = None
+    if rank not in RANKS:
         raise ValueError(f"rank must be 1, 2 or 3 (spatial axes), got {value!r}")
-    return value
+    return rank
 
 
 def check_tuple(name: str, value: Any, rank: int = 2, *, minimum: int = 1) -> tuple[int, ...]:
@@ -172,6 +176,7 @@ class ConvSpec:
 
     def __post_init__(self) -> None:
         rank = check_rank(self.rank)
+        object.__setattr__(self, "rank", rank)
         normal = {
             "out_channels": check_int("out_channels", self.out_channels),
             "kernel_size": check_tuple("kernel_size", self.kernel_size, rank),
@@ -262,6 +267,7 @@ class ConvSpec:
         total = max((ceil(n/s) - 1)*s + (k - 1)*d + 1 - n, 0), the smaller half first.
         'causal' (1-D) pads (k - 1)*d before and nothing after.
         """
+        self._check_sizes(in_sizes)
         if self.padding == "valid":
             return ((0, 0),) * self.rank
         if self.padding == "causal":
@@ -274,6 +280,11 @@ class ConvSpec:
                 pads.append((total // 2, total - total // 2))
             return tuple(pads)
         return tuple((p, p) for p in self.padding)
+
+    def _check_sizes(self, in_sizes: Sequence[int | None]) -> None:
+        if len(in_sizes) != self.rank:
+            raise ValueError(f"a {self.rank}-D layer's input has {self.rank} spatial "
+                             f"size(s), got {len(in_sizes)}: {tuple(in_sizes)}")
 
     def fixed_padding(self) -> tuple[Pair, ...]:
         """(before, after) per spatial axis for a padding that does not depend on the input
@@ -288,6 +299,7 @@ class ConvSpec:
     def output_size(self, in_sizes: Sequence[int | None]) -> tuple[int | None, ...]:
         """The output's spatial size (None where the input's is unknown); a ValueError for an
         input too small to give one output position."""
+        self._check_sizes(in_sizes)
         known = [1 if n is None else n for n in in_sizes]
         pads = self.resolve_padding(known)
         sizes = []

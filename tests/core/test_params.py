@@ -136,29 +136,33 @@ def test_match_layers():
         dc.match_layers(LAYERS, dict(specs, head=dc.ConvSpec(16, 4, 1)), "f.npz")
 
 
-RANK_LAYERS = {
-    "audio.causal": make_params(dc.ConvSpec(2, 4, 3, 1, "causal", 2, bias=False,
-                                            padding_mode="reflect", D_mul=5, rank=1), 4),
-    "audio.head": make_params(dc.ConvSpec(4, 6, 1, 2, groups=2, rank=1), 5, np.float64),
-    "image": make_params(dc.ConvSpec(3, 6, (3, 1), 2, "same", groups=3, D_mul=4), 6),
-    "volume.block": make_params(dc.ConvSpec(4, 4, (3, 1, 2), (1, 2, 1), (1, 0, 1), (2, 1, 1), 2,
-                                            padding_mode="circular", D_mul=8, rank=3), 7,
-                                np.float64),
-    "volume.head": make_params(dc.ConvSpec(4, 2, 1, rank=3), 8),
-}
+def rank_layers():
+    """1-D, 2-D and 3-D layers, built per test so that a broken rank fails these tests, not
+    the collection of the whole module."""
+    return {
+        "audio.causal": make_params(dc.ConvSpec(2, 4, 3, 1, "causal", 2, bias=False,
+                                                padding_mode="reflect", D_mul=5, rank=1), 4),
+        "audio.head": make_params(dc.ConvSpec(4, 6, 1, 2, groups=2, rank=1), 5, np.float64),
+        "image": make_params(dc.ConvSpec(3, 6, (3, 1), 2, "same", groups=3, D_mul=4), 6),
+        "volume.block": make_params(
+            dc.ConvSpec(4, 4, (3, 1, 2), (1, 2, 1), (1, 0, 1), (2, 1, 1), 2,
+                        padding_mode="circular", D_mul=8, rank=3), 7, np.float64),
+        "volume.head": make_params(dc.ConvSpec(4, 2, 1, rank=3), 8),
+    }
 
 
 def test_multi_rank_file_round_trips(tmp_path):
+    layers = rank_layers()
     path = tmp_path / "ranks.npz"
-    dc.save_params(path, RANK_LAYERS)
+    dc.save_params(path, layers)
     with np.load(path, allow_pickle=False) as archive:
         meta = json.loads(str(archive[_META_KEY]))
     assert meta["version"] == dc.FORMAT_VERSION == 2
     assert {name: config["rank"] for name, config in meta["layers"].items()} == {
         "audio.causal": 1, "audio.head": 1, "image": 2, "volume.block": 3, "volume.head": 3}
     loaded = dc.load_params(path)
-    assert list(loaded) == list(RANK_LAYERS)
-    for name, original in RANK_LAYERS.items():
+    assert list(loaded) == list(layers)
+    for name, original in layers.items():
         copy = loaded[name]
         assert copy.spec == original.spec and copy.spec.rank == original.spec.rank
         for part in ("W", "D", "bias"):
@@ -170,7 +174,7 @@ def test_multi_rank_file_round_trips(tmp_path):
                 np.testing.assert_array_equal(a, b)
         assert copy.kernel().shape == original.spec.kernel_shape
         np.testing.assert_array_equal(copy.kernel(), original.kernel())
-    specs = {name: params.spec for name, params in RANK_LAYERS.items()}
+    specs = {name: params.spec for name, params in layers.items()}
     dc.match_layers(loaded, specs, "ranks.npz")  # no error
     with pytest.raises(dc.CheckpointError, match="ranks.npz: layer 'volume.head' was saved with"):
         dc.match_layers(loaded, dict(specs, **{"volume.head": dc.ConvSpec(4, 2, 1, rank=1)}),
@@ -178,7 +182,7 @@ def test_multi_rank_file_round_trips(tmp_path):
 
 
 def test_single_layer_of_each_rank_round_trips(tmp_path):
-    for name, params in RANK_LAYERS.items():
+    for name, params in rank_layers().items():
         params.save(tmp_path / f"{name}.npz")
         assert dc.DOConvParams.load(tmp_path / f"{name}.npz").spec == params.spec
 
@@ -220,7 +224,7 @@ def test_version_1_file_loads_as_two_dimensional(tmp_path):
 def test_layer_with_a_wrong_rank_is_refused(tmp_path):
     # A 3-D layer whose metadata says rank 1 no longer matches its arrays or its own tuples.
     path = tmp_path / "ranks.npz"
-    dc.save_params(path, RANK_LAYERS)
+    dc.save_params(path, rank_layers())
 
     def relabel(arrays):
         meta = json.loads(str(arrays[_META_KEY]))

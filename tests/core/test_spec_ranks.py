@@ -239,3 +239,14 @@ def test_with_in_channels_keeps_the_rank():
     assert spec.rank == 1 and spec.padding == "causal" and spec.W_shape == (6, 2, 3)
     spec = ConvSpec(None, 6, 3, rank=3).with_in_channels(2)
     assert spec.rank == 3 and spec.D_shape == (2, 27, 27)
+
+
+def test_sizes_of_another_rank_are_refused():
+    with pytest.raises(ValueError, match=r"a 3-D layer's input has 3 spatial size\(s\), got 2"):
+        ConvSpec(1, 1, 3, rank=3).output_size((7, 7))
+    with pytest.raises(ValueError, match=r"a 1-D layer's input has 1 spatial size\(s\), got 2"):
+        ConvSpec(1, 1, 3, rank=1, padding="same").resolve_padding((7, 7))
+
+
+def test_rank_takes_numpy_integers():
+    assert ConvSpec(1, 1, 3, rank=np.int64(1)).rank == 1
