@@ -1,7 +1,9 @@
-"""DOConv2D: a DO-Conv layer with nn.Conv2D's arguments, composing its kernel with Gluon ops.
+"""DOConv1D, DOConv2D, DOConv3D: DO-Conv layers with nn.Conv1D/2D/3D's arguments, composing
+their kernels with Gluon ops.
 
-The math (shapes, c(o, i), D_diag, fusion) is doconv_core's; this module converts Gluon's
-layouts at its edge.
+The three share one base class, ``DOConvND``, whose ``rank`` (1, 2 or 3 spatial axes) each
+subclass sets. The math (shapes, c(o, i), D_diag, fusion) is doconv_core's; this module
+converts Gluon's layouts at its edge.
 """
 
 from __future__ import annotations
@@ -20,39 +22,50 @@ from doconv_core.spec import native_spec
 from . import _versions
 from ._init import KernelInit
 
-__all__ = ["DOConv2D"]
+__all__ = ["DOConvND", "DOConv1D", "DOConv2D", "DOConv3D"]
 
-LAYOUTS = ("NCHW",)  # MXNet 1.9's CPU Convolution runs 2-D convs in NCHW only
+# The one layout per rank MXNet 1.9's CPU Convolution runs (channels first).
+LAYOUTS = {1: "NCW", 2: "NCHW", 3: "NCDHW"}
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "softrelu", "softsign")
 # ConvSpec's canonical argument names -> Gluon's, so messages name what the user typed.
 _NATIVE_NAMES = {"out_channels": "channels", "stride": "strides", "bias": "use_bias"}
 
 
-def _spec(channels: Any, kernel_size: Any, strides: Any, padding: Any, dilation: Any,
-          groups: Any, use_bias: Any, in_channels: int | None, D_mul: Any) -> ConvSpec:
-    """ConvSpec from Gluon arguments; ValueErrors name the Gluon argument."""
-    # nn.Conv2D takes no padding strings: only explicit zero padding exists in Gluon.
-    padding = doconv_core.check_pair("padding", padding, minimum=0)
+def _spec(rank: int, channels: Any, kernel_size: Any, strides: Any, padding: Any,
+          dilation: Any, groups: Any, use_bias: Any, in_channels: int | None,
+          D_mul: Any) -> ConvSpec:
+    """ConvSpec of ``rank`` spatial axes from Gluon arguments; ValueErrors name the Gluon
+    argument."""
+    # Gluon's convs take no padding strings: only explicit zero padding exists in Gluon.
+    padding = doconv_core.check_tuple("padding", padding, rank, minimum=0)
     return native_spec(_NATIVE_NAMES, in_channels, channels, kernel_size, strides, padding,
-                       dilation, groups, bias=use_bias, D_mul=D_mul)
+                       dilation, groups, bias=use_bias, D_mul=D_mul, rank=rank)
 
 
-def _gluon_padding(spec: ConvSpec) -> tuple[int, int]:
-    """nn.Conv2D's padding (each axis padded alike on both sides, with zeros) for ``spec``;
-    a ValueError where Gluon has none."""
+def _native_class(rank: int) -> type:
+    """Gluon's conv of ``rank`` spatial axes: nn.Conv1D, nn.Conv2D or nn.Conv3D."""
+    return getattr(nn, f"Conv{rank}D")
+
+
+def _gluon_padding(spec: ConvSpec) -> tuple[int, ...]:
+    """The Gluon conv's padding (each axis padded alike on both sides, with zeros) for
+    ``spec``; a ValueError where Gluon has none ('same' that depends on the input size or
+    pads one side more, 'causal', another padding mode)."""
+    name = f"nn.Conv{spec.rank}D"
     try:
-        (top, bottom), (left, right) = spec.fixed_padding()
+        pads = spec.fixed_padding()
     except ValueError as error:
-        raise ValueError(f"padding 'same' has no Gluon equivalent here: {error}") from None
-    if (top, left) != (bottom, right):
+        raise ValueError(f"padding {spec.padding!r} has no Gluon equivalent here: "
+                         f"{error}") from None
+    if any(before != after for before, after in pads):
         raise ValueError(
-            f"padding 'same' has no Gluon equivalent here: it pads ((top, bottom), (left, "
-            f"right)) = {((top, bottom), (left, right))} for kernel_size={spec.kernel_size} "
-            f"and dilation={spec.dilation}, and nn.Conv2D pads both sides of an axis alike")
-    if (top, left) != (0, 0) and spec.padding_mode != "zeros":
+            f"padding {spec.padding!r} has no Gluon equivalent here: it pads (before, after) "
+            f"= {pads} per spatial axis for kernel_size={spec.kernel_size} and "
+            f"dilation={spec.dilation}, and {name} pads both sides of an axis alike")
+    if any(before for before, _ in pads) and spec.padding_mode != "zeros":
         raise ValueError(f"padding_mode must be 'zeros' for Gluon (its Convolution pads with "
                          f"zeros only), got {spec.padding_mode!r}")
-    return (top, left)
+    return tuple(before for before, _ in pads)
 
 
 def _identity_block(F: Any, mn: int, D_mul: int, dtype: Any, ctx: Any = None) -> Any:
@@ -78,30 +91,37 @@ def _copy_settings(source: Any, target: Any) -> None:
     target.grad_req = source.grad_req
 
 
-class DOConv2D(nn.HybridBlock):
-    """A DO-Conv layer with nn.Conv2D's arguments; ``D_mul`` (>= M*N, default M*N) added.
+class DOConvND(nn.HybridBlock):
+    """The DO-Conv layer of ``rank`` spatial axes, shared by DOConv1D, DOConv2D and DOConv3D
+    (build those; ``isinstance(layer, DOConvND)`` matches all three).
 
-    Parameters ``W`` (C_out, C_in/g, D_mul), ``D`` (C_in, M*N, D_mul; absent for 1x1) and
-    ``bias`` (C_out,). ``in_channels=0`` defers C_in to the first input, like nn.Conv2D.
+    Parameters ``W`` (C_out, C_in/g, D_mul), ``D`` (C_in, MN, D_mul) with MN the kernel's
+    volume (absent for a kernel of one element) and ``bias`` (C_out,). ``in_channels=0``
+    defers C_in to the first input, as Gluon's convs do.
 
     Unhybridized inference reuses the composed kernel while W and D hold the values it was
     composed from; a hybridized layer composes it in its graph on every call, which ``fuse``
     removes for deployment.
     """
 
-    def __init__(self, channels: int, kernel_size: Any, strides: Any = (1, 1),
-                 padding: Any = (0, 0), dilation: Any = (1, 1), groups: int = 1,
-                 layout: str = "NCHW", activation: str | None = None, use_bias: bool = True,
-                 weight_initializer: Any = None, bias_initializer: Any = "zeros",
-                 in_channels: int = 0, *, D_mul: int | None = None, **kwargs: Any) -> None:
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be 'NCHW' (MXNet 1.9's CPU Convolution supports no "
-                             f"other 2-D layout), got {layout!r}")
+    rank: int | None = None  # spatial axes: 1, 2 or 3 in the subclasses
+
+    def __init__(self, channels: int, kernel_size: Any, strides: Any, padding: Any,
+                 dilation: Any, groups: int, layout: str, activation: str | None,
+                 use_bias: bool, weight_initializer: Any, bias_initializer: Any,
+                 in_channels: int, *, D_mul: int | None = None, **kwargs: Any) -> None:
+        rank = self.rank
+        if rank is None:
+            raise TypeError("DOConvND is the base of DOConv1D, DOConv2D and DOConv3D; build "
+                            "one of those")
+        if layout != LAYOUTS[rank]:
+            raise ValueError(f"layout must be {LAYOUTS[rank]!r} (MXNet 1.9's CPU Convolution "
+                             f"supports no other {rank}-D layout), got {layout!r}")
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"activation must be None or one of {ACTIVATIONS}, "
                              f"got {activation!r}")
         in_channels = doconv_core.check_int("in_channels", in_channels, minimum=0)
-        spec = _spec(channels, kernel_size, strides, padding, dilation, groups, use_bias,
+        spec = _spec(rank, channels, kernel_size, strides, padding, dilation, groups, use_bias,
                      in_channels or None, D_mul)
         super().__init__(**kwargs)
         self._spec = spec
@@ -185,8 +205,10 @@ class DOConv2D(nn.HybridBlock):
     def _check_input(self, shape: tuple) -> None:
         """ValueError for an input this layer cannot take, raised before Gluon's deferred
         initialisation fixes in_channels from it."""
-        if len(shape) != 4:
-            raise ValueError(f"input must be 4-D ({self._layout}), got shape {tuple(shape)}")
+        ndim = self.rank + 2
+        if len(shape) != ndim:
+            raise ValueError(f"input must be {ndim}-D ({self._layout}), got shape "
+                             f"{tuple(shape)}")
         spec, channels = self.spec, shape[self._channel_axis()]
         if spec.in_channels is not None:
             spec.check_input_channels(channels)
@@ -201,21 +223,24 @@ class DOConv2D(nn.HybridBlock):
     # -- forward -----------------------------------------------------------------
     def _compose(self, F: Any, W: Any, D: Any, ctx: Any = None, *, owned: bool = False
                  ) -> Any:
-        """The OIHW kernel as one batched product, with Gluon ops.
+        """The (C_out, C_in/g, *kernel_size) kernel as one batched product, with Gluon ops.
 
         ``owned``: imperatively, return an array that owns its storage rather than a reshaped
         view; MKL-DNN lays a conv's weights out once only for such arrays.
         """
         s = self.spec
-        (M, N), g, O_g, S, mn = s.kernel_size, s.groups, s.out_per_group, s.D_mul, s.mn
-        if D is None:
-            return F.expand_dims(W, axis=3)  # (C_out, C_in/g, 1) -> 1x1 OIHW
+        kernel_size, g, O_g, S, mn = s.kernel_size, s.groups, s.out_per_group, s.D_mul, s.mn
+        spatial = tuple(range(2, 2 + self.rank))
+        if D is None:  # (C_out, C_in/g, 1) -> (C_out, C_in/g, 1, ..., 1)
+            # An array of its own, never W itself: the conv may lay its weight input out
+            # for MKL-DNN in place, and W must stay a plain parameter (docs/design.md).
+            return F.reshape(W, shape=(0, 0) + (1,) * self.rank)
         D_total = F.broadcast_add(D, self._identity(F, ctx))
         # Batch b = group*(C_in/g) + i, which is c(o, i): (g*I_g, O_g, S) x (g*I_g, MN, S).
         # Each layout change below is a full copy of W or K, so the common cases take fewer.
-        if g == 1:  # b = i: swap W's first two axes directly; the last swap writes OIHW
+        if g == 1:  # b = i: swap W's first two axes directly; the last swap writes the kernel
             K = F.batch_dot(F.transpose(W, axes=(1, 0, 2)), D_total, transpose_b=True)
-            return F.transpose(_reshape(F, K, (0, 0, M, N)), axes=(1, 0, 2, 3))
+            return F.transpose(_reshape(F, K, (0, 0) + kernel_size), axes=(1, 0) + spatial)
         if s.in_channels == g:  # C_in/g == 1 (depthwise): W is already (g, O_g, S)
             K = F.batch_dot(_reshape(F, W, (g, O_g, S)), D_total, transpose_b=True)
         else:
@@ -223,7 +248,7 @@ class DOConv2D(nn.HybridBlock):
                                                 axes=(0, 2, 1, 3)), (-3, -2))
             K = F.batch_dot(W_batched, D_total, transpose_b=True)  # (g*I_g, O_g, MN)
             K = F.transpose(_reshape(F, K, (g, -1, O_g, mn)), axes=(0, 2, 1, 3))
-        shape = (s.out_channels, -1, M, N)
+        shape = (s.out_channels, -1) + kernel_size
         return F.reshape(K, shape=shape) if owned else _reshape(F, K, shape)
 
     def _identity(self, F: Any, ctx: Any) -> Any:
@@ -247,8 +272,8 @@ class DOConv2D(nn.HybridBlock):
         (no gradient, values never read), from which shape inference reaches them.
         """
         s = self._spec
-        # (N, C, H*W) for an NCHW input: no slice refers to an axis a wrong input may lack,
-        # so such an input fails in the Convolution below with its own "should be 4D".
+        # (N, C, spatial volume): no slice refers to an axis a wrong input may lack, so such
+        # an input fails in the Convolution below with its own message.
         first = F.slice_axis(F.reshape(x, shape=(0, 0, -1)), axis=0, begin=0, end=1)
         first = F.slice_axis(first, axis=2, begin=0, end=1)
         probe = F.zeros_like(F.BlockGrad(F.reshape(first, shape=(-1,))))  # (C_in,)
@@ -352,31 +377,38 @@ class DOConv2D(nn.HybridBlock):
         self._cache = {}
 
     @classmethod
-    def from_params(cls, params: DOConvParams, **kwargs: Any) -> "DOConv2D":
-        """A new initialized layer holding ``params``; kwargs: layout, activation, ctx, prefix."""
+    def from_params(cls, params: DOConvParams, **kwargs: Any) -> "DOConvND":
+        """A new initialized layer holding ``params``; kwargs: layout, activation, ctx, prefix.
+        ``DOConvND.from_params`` builds the layer of the params' rank."""
         if not isinstance(params, DOConvParams):
             raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
-        ctx = kwargs.pop("ctx", None)
         s = params.spec
-        layer = cls(s.out_channels, s.kernel_size, s.stride, _gluon_padding(s), s.dilation,
-                    s.groups, use_bias=s.bias, in_channels=s.in_channels, D_mul=s.D_mul,
-                    **kwargs)
+        layer_class = LAYER_CLASSES[s.rank] if cls.rank is None else cls
+        if layer_class.rank != s.rank:
+            raise ValueError(f"params hold a {s.rank}-D layer (kernel_size {s.kernel_size}); "
+                             f"{cls.__name__} is {cls.rank}-D: use "
+                             f"{LAYER_CLASSES[s.rank].__name__}")
+        ctx = kwargs.pop("ctx", None)
+        layer = layer_class(s.out_channels, s.kernel_size, s.stride, _gluon_padding(s),
+                            s.dilation, s.groups, use_bias=s.bias, in_channels=s.in_channels,
+                            D_mul=s.D_mul, **kwargs)
         layer.initialize(ctx=ctx)
         layer.cast(params.W.dtype)
         layer.set_params(DOConvParams(layer.spec, params.W, params.D, params.bias))
         return layer
 
-    def fuse(self) -> nn.Conv2D:
-        """An nn.Conv2D computing the same function (kernel composed once, same bias), its
-        weight trained like W (lr_mult, wd_mult, grad_req) and its bias like this bias."""
+    def fuse(self) -> nn.HybridBlock:
+        """Gluon's conv of this rank (nn.Conv1D, nn.Conv2D or nn.Conv3D) computing the same
+        function (kernel composed once, same bias), its weight trained like W (lr_mult,
+        wd_mult, grad_req) and its bias like this bias."""
         self._require_initialized("fuse")
         s = self.spec
         kernel, bias = doconv_core.fuse(*_arrays(self), s)
-        conv = nn.Conv2D(s.out_channels, s.kernel_size, s.stride, s.padding, s.dilation,
-                         s.groups, self._layout, in_channels=s.in_channels,
-                         activation=self._activation, use_bias=s.bias,
-                         weight_initializer=self._weight_initializer,
-                         bias_initializer=self._bias_initializer, prefix=self.prefix)
+        conv = _native_class(self.rank)(
+            s.out_channels, s.kernel_size, s.stride, s.padding, s.dilation, s.groups,
+            self._layout, in_channels=s.in_channels, activation=self._activation,
+            use_bias=s.bias, weight_initializer=self._weight_initializer,
+            bias_initializer=self._bias_initializer, prefix=self.prefix)
         conv.initialize(ctx=self.W.list_ctx())
         conv.cast(self.W.dtype)
         conv.weight.set_data(mx.nd.array(kernel, dtype=self.W.dtype))
@@ -387,9 +419,60 @@ class DOConv2D(nn.HybridBlock):
         return conv
 
 
-def _arrays(layer: DOConv2D) -> tuple:
+# Each class below is DOConvND with its rank and Gluon's constructor of that rank (names,
+# order and defaults), ``D_mul`` added as a keyword.
+class DOConv1D(DOConvND):
+    """A 1-D DO-Conv layer with nn.Conv1D's arguments (layout NCW); ``D_mul`` (>= the
+    kernel size, default the kernel size) added. See DOConvND."""
+
+    rank = 1
+
+    def __init__(self, channels: int, kernel_size: Any, strides: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1, layout: str = "NCW",
+                 activation: str | None = None, use_bias: bool = True,
+                 weight_initializer: Any = None, bias_initializer: Any = "zeros",
+                 in_channels: int = 0, *, D_mul: int | None = None, **kwargs: Any) -> None:
+        super().__init__(channels, kernel_size, strides, padding, dilation, groups, layout,
+                         activation, use_bias, weight_initializer, bias_initializer,
+                         in_channels, D_mul=D_mul, **kwargs)
+
+
+class DOConv2D(DOConvND):
+    """A 2-D DO-Conv layer with nn.Conv2D's arguments (layout NCHW); ``D_mul`` (>= M*N,
+    default M*N) added. See DOConvND."""
+
+    rank = 2
+
+    def __init__(self, channels: int, kernel_size: Any, strides: Any = (1, 1),
+                 padding: Any = (0, 0), dilation: Any = (1, 1), groups: int = 1,
+                 layout: str = "NCHW", activation: str | None = None, use_bias: bool = True,
+                 weight_initializer: Any = None, bias_initializer: Any = "zeros",
+                 in_channels: int = 0, *, D_mul: int | None = None, **kwargs: Any) -> None:
+        super().__init__(channels, kernel_size, strides, padding, dilation, groups, layout,
+                         activation, use_bias, weight_initializer, bias_initializer,
+                         in_channels, D_mul=D_mul, **kwargs)
+
+
+class DOConv3D(DOConvND):
+    """A 3-D DO-Conv layer with nn.Conv3D's arguments (layout NCDHW); ``D_mul`` (>= the
+    kernel volume M*N*P, default M*N*P) added. See DOConvND."""
+
+    rank = 3
+
+    def __init__(self, channels: int, kernel_size: Any, strides: Any = (1, 1, 1),
+                 padding: Any = (0, 0, 0), dilation: Any = (1, 1, 1), groups: int = 1,
+                 layout: str = "NCDHW", activation: str | None = None, use_bias: bool = True,
+                 weight_initializer: Any = None, bias_initializer: Any = "zeros",
+                 in_channels: int = 0, *, D_mul: int | None = None, **kwargs: Any) -> None:
+        super().__init__(channels, kernel_size, strides, padding, dilation, groups, layout,
+                         activation, use_bias, weight_initializer, bias_initializer,
+                         in_channels, D_mul=D_mul, **kwargs)
+
+
+LAYER_CLASSES = {1: DOConv1D, 2: DOConv2D, 3: DOConv3D}
+
+
+def _arrays(layer: DOConvND) -> tuple:
     """(D, W, bias) as NumPy arrays, D and bias None where the layer has none."""
     return (None if layer.D is None else layer.D.data().asnumpy(), layer.W.data().asnumpy(),
             None if layer.bias is None else layer.bias.data().asnumpy())
-
-

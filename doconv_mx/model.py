@@ -21,7 +21,13 @@ import doconv_core
 from doconv_core import ROOT_NAME, CheckpointError, ConvSpec, DOConvParams, LegacyLoadReport
 
 from ._blocks import clear_compiled, copy_block, replace_child, walk
-from .layer import LAYOUTS, DOConv2D, _copy_settings
+from .layer import LAYER_CLASSES, LAYOUTS, DOConvND, _copy_settings
+
+# The Gluon convs convert replaces, one per rank (nn.Conv2DTranspose and the like are not
+# among them: they are not subclasses of these).
+NATIVE_CLASSES = (nn.Conv1D, nn.Conv2D, nn.Conv3D)
+_NATIVE_WORDS = "nn.Conv1D, nn.Conv2D or nn.Conv3D"
+_LAYER_WORDS = "DOConv1D, DOConv2D or DOConv3D"
 
 __all__ = ["convert", "fuse", "doconv_layers", "export_params", "import_params",
            "load_legacy", "LegacyLoadReport"]
@@ -32,22 +38,23 @@ def _check_model(model: Any) -> None:
         raise ValueError(f"model must be a gluon.Block, got {type(model).__name__}")
 
 
-def _conv_spec(conv: nn.Conv2D, D_mul: Optional[int]) -> ConvSpec:
-    """The spec of an nn.Conv2D (in_channels None until known); D_mul applies to kernels
-    larger than 1x1."""
+def _conv_spec(conv: nn.HybridBlock, D_mul: Optional[int]) -> ConvSpec:
+    """The spec of an nn.Conv1D, nn.Conv2D or nn.Conv3D (in_channels None until known);
+    D_mul applies to kernels of more than one element."""
     kw = conv._kwargs
-    if kw["layout"] not in LAYOUTS:
-        raise ValueError(f"layout must be 'NCHW' (MXNet 1.9's CPU Convolution supports no "
-                         f"other 2-D layout), got {kw['layout']!r}")
+    rank = len(kw["kernel"])
+    if kw["layout"] != LAYOUTS[rank]:
+        raise ValueError(f"layout must be {LAYOUTS[rank]!r} (MXNet 1.9's CPU Convolution "
+                         f"supports no other {rank}-D layout), got {kw['layout']!r}")
     shape = conv.weight.shape
-    known = shape is not None and len(shape) == 4 and shape[1] > 0
+    known = shape is not None and len(shape) == rank + 2 and shape[1] > 0
     spec = ConvSpec(shape[1] * kw["num_group"] if known else None, kw["num_filter"],
                     kw["kernel"], kw["stride"], kw["pad"], kw["dilate"], kw["num_group"],
-                    bias=not kw["no_bias"])
+                    bias=not kw["no_bias"], rank=rank)
     return dataclasses.replace(spec, D_mul=D_mul) if spec.has_D and D_mul is not None else spec
 
 
-def _weight_state(conv: nn.Conv2D) -> str:
+def _weight_state(conv: nn.HybridBlock) -> str:
     """'initialized' (has values), 'deferred' (initialize() ran, the shape waits for the first
     input) or 'fresh' (initialize() not called)."""
     weight = conv.weight
@@ -56,9 +63,9 @@ def _weight_state(conv: nn.Conv2D) -> str:
     return "deferred" if weight._deferred_init else "fresh"
 
 
-def _to_doconv(conv: nn.Conv2D, D_mul: Optional[int]) -> DOConv2D:
-    """The DOConv2D for a conv of the net's copy (a conv whose shape is known but whose
-    values wait for the first input gets them drawn now)."""
+def _to_doconv(conv: nn.HybridBlock, D_mul: Optional[int]) -> DOConvND:
+    """The DO-Conv layer of the conv's rank for a conv of the net's copy (a conv whose shape
+    is known but whose values wait for the first input gets them drawn now)."""
     spec, state = _conv_spec(conv, D_mul), _weight_state(conv)
     if state == "deferred" and spec.in_channels is not None:
         # Shape known but values not materialised yet (set_data before any forward, say):
@@ -66,10 +73,11 @@ def _to_doconv(conv: nn.Conv2D, D_mul: Optional[int]) -> DOConv2D:
         conv.weight._finish_deferred_init()
         state = "initialized"
     act = conv.act._act_type if conv.act is not None else None
-    layer = DOConv2D(spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
-                     spec.dilation, spec.groups, conv._kwargs["layout"], act, spec.bias,
-                     conv.weight.init, conv.bias.init if conv.bias is not None else "zeros",
-                     spec.in_channels or 0, D_mul=spec.D_mul, prefix=conv.prefix)
+    layer = LAYER_CLASSES[spec.rank](
+        spec.out_channels, spec.kernel_size, spec.stride, spec.padding, spec.dilation,
+        spec.groups, conv._kwargs["layout"], act, spec.bias, conv.weight.init,
+        conv.bias.init if conv.bias is not None else "zeros", spec.in_channels or 0,
+        D_mul=spec.D_mul, prefix=conv.prefix)
     if state == "initialized":
         kernel = conv.weight.data().asnumpy()
         D, W = doconv_core.embed_kernel(kernel, groups=spec.groups, D_mul=spec.D_mul)
@@ -114,97 +122,101 @@ def _swap(model: gluon.Block, picked: Mapping[str, Any], make) -> gluon.Block:
 
 def convert(model: gluon.Block, *, include: doconv_core.Include = None,
             D_mul: Optional[int] = None) -> gluon.Block:
-    """A copy of ``model`` whose nn.Conv2D layers are DOConv2D layers with the same function;
-    ``model`` is left as it was (a bare nn.Conv2D: its new DOConv2D).
+    """A copy of ``model`` whose nn.Conv1D, nn.Conv2D and nn.Conv3D layers are DOConv1D,
+    DOConv2D and DOConv3D layers with the same function; ``model`` is left as it was (a bare
+    conv: its new DO-Conv layer). A net may mix the three ranks.
 
     Initialized convs are embedded exactly (D = 0, W holds the kernel); convs initialize()
-    has not reached become fresh DOConv2D layers. Convs that initialize() reached but whose
+    has not reached become fresh DO-Conv layers. Convs that initialize() reached but whose
     shape waits for the first input (``in_channels=0``, e.g. a model-zoo stem) become
-    DOConv2D layers waiting the same way: same contexts, W drawn at the first forward with
+    DO-Conv layers waiting the same way: same contexts, W drawn at the first forward with
     the conv's weight initializer (else the one given to ``initialize()``), the conv's bias
     kept. The weight's lr_mult, wd_mult and grad_req go to W and D, the bias's to bias.
-    ``include``: None (every nn.Conv2D), layer-name patterns or a callable (name, conv) ->
+    ``include``: None (every such conv), layer-name patterns or a callable (name, conv) ->
     bool (``doconv_core.layer_filter``; names are child paths such as "features.0").
-    ``D_mul`` (None: M*N per layer) applies to every kernel larger than 1x1. Every layer is
-    checked before anything is built; a ValueError when nothing would be converted.
+    ``D_mul`` (None: the kernel's volume per layer) applies to every kernel of more than one
+    element. Every layer is checked before anything is built; a ValueError when nothing
+    would be converted.
     """
     _check_model(model)
     keep = doconv_core.layer_filter(include)
     if D_mul is not None:
         D_mul = doconv_core.check_int("D_mul", D_mul)
-    if isinstance(model, nn.Conv2D):
+    if isinstance(model, NATIVE_CLASSES):
         picked = {"": model} if keep("", model) else {}
     else:
         picked = {name: child for _, _, name, child in walk(model)
-                  if isinstance(child, nn.Conv2D) and keep(name, child)}
+                  if isinstance(child, NATIVE_CLASSES) and keep(name, child)}
     if not picked:
-        raise doconv_core.nothing_to_convert(model, "nn.Conv2D", include)
+        raise doconv_core.nothing_to_convert(model, _NATIVE_WORDS, include)
     for name, conv in picked.items():
         try:
             _conv_spec(conv, D_mul)
         except ValueError as error:
             raise ValueError(f"layer {name or ROOT_NAME!r}: {error}") from None
-    if isinstance(model, nn.Conv2D):
+    if isinstance(model, NATIVE_CLASSES):
         return _to_doconv(copy_block(model), D_mul)
     return _swap(model, picked, lambda conv: _to_doconv(conv, D_mul))
 
 
 def fuse(model: gluon.Block) -> gluon.Block:
-    """A copy of ``model`` whose DOConv2D layers are their fused nn.Conv2D layers (a bare
-    DOConv2D: its nn.Conv2D); ``model`` is left as it was. A UserWarning, and an unchanged
-    copy, for a net without DOConv2D layers."""
+    """A copy of ``model`` whose DOConv1D, DOConv2D and DOConv3D layers are their fused
+    nn.Conv1D, nn.Conv2D and nn.Conv3D layers (a bare DO-Conv layer: its Gluon conv);
+    ``model`` is left as it was. A UserWarning, and an unchanged copy, for a net without
+    DO-Conv layers."""
     _check_model(model)
-    if isinstance(model, DOConv2D):
+    if isinstance(model, DOConvND):
         return model.fuse()
     layers = doconv_layers(model)
     if not layers:
-        warnings.warn(f"fuse found no DOConv2D in {type(model).__name__}; the copy it returns "
-                      "is unchanged", UserWarning, stacklevel=2)
+        warnings.warn(doconv_core.nothing_to_fuse(model, _LAYER_WORDS), UserWarning,
+                      stacklevel=2)
         return copy_block(model)
     for name, layer in layers.items():
         try:
             layer._require_initialized("fuse")
         except ValueError as error:
             raise ValueError(f"layer {name!r}: {error}") from None
-    picked = {name for _, _, name, child in walk(model) if isinstance(child, DOConv2D)}
+    picked = {name for _, _, name, child in walk(model) if isinstance(child, DOConvND)}
     return _swap(model, dict.fromkeys(picked), lambda layer: layer.fuse())
 
 
-def doconv_layers(model: gluon.Block) -> dict[str, DOConv2D]:
-    """{child path: layer} for every DOConv2D in ``model``, each once ("" for the model
-    itself)."""
+def doconv_layers(model: gluon.Block) -> dict[str, DOConvND]:
+    """{child path: layer} for every DOConv1D, DOConv2D and DOConv3D in ``model``, each once
+    ("" for the model itself)."""
     _check_model(model)
-    if isinstance(model, DOConv2D):
+    if isinstance(model, DOConvND):
         return {"": model}
-    found: dict[str, DOConv2D] = {}
+    found: dict[str, DOConvND] = {}
     seen: set[int] = set()
     for _, _, name, child in walk(model):
-        if isinstance(child, DOConv2D) and id(child) not in seen:
+        if isinstance(child, DOConvND) and id(child) not in seen:
             seen.add(id(child))
             found[name] = child
     return found
 
 
-def _named_layers(model: gluon.Block) -> dict[str, DOConv2D]:
+def _named_layers(model: gluon.Block) -> dict[str, DOConvND]:
     """doconv_layers with the model itself named ROOT_NAME, as files and reports name it."""
     return {name or ROOT_NAME: layer for name, layer in doconv_layers(model).items()}
 
 
 def export_params(model: gluon.Block, path: Union[str, os.PathLike]) -> None:
-    """Save every DOConv2D of ``model`` to the core's .npz container, keyed by layer name."""
-    doconv_core.export_layers(path, model, _named_layers(model), "DOConv2D")
+    """Save every DO-Conv layer of ``model`` (any rank) to the core's .npz container, keyed
+    by layer name."""
+    doconv_core.export_layers(path, model, _named_layers(model), _LAYER_WORDS)
 
 
 def import_params(model: gluon.Block, path: Union[str, os.PathLike]) -> list[str]:
-    """Load a file written by any adapter's ``export_params`` into ``model``'s DOConv2D
-    layers (completing deferred in_channels); nothing changes unless every layer matches.
-    Returns the names of the layers loaded."""
+    """Load a file written by any adapter's ``export_params`` into ``model``'s DO-Conv
+    layers (completing deferred in_channels); nothing changes unless every layer matches,
+    its rank included. Returns the names of the layers loaded."""
     layers = _named_layers(model)
     _check_ready(layers, repr(os.fspath(path)))
     return doconv_core.import_layers(path, layers)
 
 
-def _check_ready(layers: Mapping[str, DOConv2D], source: str) -> None:
+def _check_ready(layers: Mapping[str, DOConvND], source: str) -> None:
     """CheckpointError unless every layer can take values (initialize() was called)."""
     doconv_core.check_layers_ready(layers, source, lambda layer: layer._initialize_called(),
                                    "are not initialized; call initialize() first")
@@ -230,21 +242,52 @@ def load_legacy(model: gluon.Block, weights: Mapping[str, Any], *,
     arrays are skipped (missing_keys) and other keys ignored (unexpected_keys). Everything
     is checked, the layers included (initialize() must have reached them), before any
     layer changes.
+
+    The original layer was 2-D only: arrays for a DOConv1D or DOConv3D are refused, and
+    with ``strict`` so is a model holding one; otherwise those layers are skipped
+    (missing_keys).
     """
     _check_model(model)
     if not isinstance(weights, Mapping):
         raise ValueError(f"the legacy weights must be a mapping of names to arrays, got "
                          f"{type(weights).__name__}")
     layers = doconv_layers(model)
-    specs = {name: _legacy_spec(name, layer.spec, weights) for name, layer in layers.items()}
+    other = {name: layer for name, layer in layers.items() if layer.rank != 2}
+    _check_legacy_ranks(other, weights, strict)
+    specs = {name: _legacy_spec(name, layer.spec, weights) for name, layer in layers.items()
+             if name not in other}
     results, remaining, missing = doconv_core.prepare_legacy(
         weights, specs, layout="gluon-legacy", strict=strict, loads_other_keys=False,
         to_array=_as_array, source=_LEGACY_SOURCE)
+    missing += [_legacy_key(name, "weight") for name in other]
     named = _named_layers(model)
     _check_ready({name: named[name] for name in results}, _LEGACY_SOURCE)
     for name, result in results.items():
         named[name].set_params(result.params)
     return LegacyLoadReport(results, missing, sorted(remaining))
+
+
+def _legacy_key(name: str, part: str) -> str:
+    return f"{name}.{part}" if name else part
+
+
+def _check_legacy_ranks(other: Mapping[str, DOConvND], weights: Mapping[str, Any],
+                        strict: bool) -> None:
+    """CheckpointError for 1-D and 3-D layers the legacy weights cannot fill: always when
+    the weights hold arrays for them, with ``strict`` whenever the model has them."""
+    if not other:
+        return
+    described = ", ".join(f"{name or ROOT_NAME!r} ({type(layer).__name__})"
+                          for name, layer in other.items())
+    given = [name or ROOT_NAME for name in other
+             if any(_legacy_key(name, part) in weights for part in ("weight", "D", "bias"))]
+    reason = (f"{_LEGACY_SOURCE}: the original Gluon DO-Conv layer was 2-D only, so its "
+              f"checkpoints hold no arrays for the {described} layer"
+              f"{'s' if len(other) > 1 else ''}")
+    if given:
+        raise CheckpointError(f"{reason}; it has arrays for {given}")
+    if strict is True:
+        raise CheckpointError(f"{reason} (pass strict=False to skip them)")
 
 
 def _legacy_spec(name: str, spec: ConvSpec, weights: Mapping[str, Any]) -> ConvSpec:

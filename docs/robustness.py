@@ -465,7 +465,7 @@ def gluon_rows(files: Files) -> Iterator[Row]:
               lambda: layer.set_params(other_params), state(layer))
     yield Row("uninitialized_layer.set_params(params)", "initialize",
               lambda: fresh.set_params(layer.to_params()), state(fresh))
-    yield Row("convert(a net without nn.Conv2D)", "nn.Conv2D",
+    yield Row("convert(a net without a conv)", "nn.Conv2D",
               lambda: doconv_mx.convert(plain), state(plain))
     yield Row("convert(net, include=5)", "include",
               lambda: doconv_mx.convert(conv_net, include=5), state(conv_net))

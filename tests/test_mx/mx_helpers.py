@@ -3,13 +3,12 @@
 import mxnet as mx
 
 import doconv_core
-from doconv_mx import DOConv2D
 from doconv_mx._blocks import walk
-from doconv_mx.layer import _gluon_padding
+from doconv_mx.layer import LAYER_CLASSES, _gluon_padding
 
 
 def gluon_padding(spec):
-    """The explicit padding nn.Conv2D would need for ``spec``, or None if Gluon has none."""
+    """The explicit padding Gluon's conv would need for ``spec``, or None if Gluon has none."""
     try:
         return _gluon_padding(spec)
     except ValueError:
@@ -35,10 +34,11 @@ def count(net, kind):
 
 
 def make_layer(spec, arrays, *, hybridize=False, deferred=False, dtype="float64"):
-    """A DOConv2D for a core case holding the case's arrays."""
-    layer = DOConv2D(spec.out_channels, spec.kernel_size, spec.stride, gluon_padding(spec),
-                     spec.dilation, spec.groups, use_bias=spec.bias,
-                     in_channels=0 if deferred else spec.in_channels, D_mul=spec.D_mul)
+    """The DO-Conv layer of the spec's rank for a core case, holding the case's arrays."""
+    layer = LAYER_CLASSES[spec.rank](
+        spec.out_channels, spec.kernel_size, spec.stride, gluon_padding(spec), spec.dilation,
+        spec.groups, use_bias=spec.bias, in_channels=0 if deferred else spec.in_channels,
+        D_mul=spec.D_mul)
     layer.initialize()
     layer.cast(dtype)
     if hybridize:

@@ -13,7 +13,7 @@ from mxnet.gluon import nn
 import doconv_core
 import doconv_mx
 from doconv_core.testing.api import COPYING_FUNCTIONS, api_problems
-from doconv_mx import DOConv2D
+from doconv_mx import DOConv1D, DOConv2D, DOConv3D
 from mx_helpers import blocks
 
 
@@ -172,19 +172,22 @@ def test_the_callable_include_sees_the_given_nets_layers():
 @pytest.mark.parametrize("include", ["nothing*", [], lambda name, layer: False])
 def test_convert_with_nothing_selected_raises_the_cores_error(include):
     net = make_net()
-    message = str(doconv_core.nothing_to_convert(net, "nn.Conv2D", include))
-    assert message.startswith("convert found no nn.Conv2D")
+    kinds = "nn.Conv1D, nn.Conv2D or nn.Conv3D"
+    message = str(doconv_core.nothing_to_convert(net, kinds, include))
+    assert message.startswith(f"convert found no {kinds}")
     with pytest.raises(ValueError, match=re.escape(message)):
         doconv_mx.convert(net, include=include)
-    with pytest.raises(ValueError, match=re.escape(
-            str(doconv_core.nothing_to_convert(DOConv2D(2, 3), "nn.Conv2D", None)))):
-        doconv_mx.convert(DOConv2D(2, 3))
+    for layer in (DOConv1D(2, 3), DOConv2D(2, 3), DOConv3D(2, 3)):
+        with pytest.raises(ValueError, match=re.escape(
+                str(doconv_core.nothing_to_convert(layer, kinds, None)))):
+            doconv_mx.convert(layer)
 
 
 def test_fuse_without_doconv_layers_warns_and_copies():
     net = make_net()
     before = snapshot(net)
-    with pytest.warns(UserWarning, match="fuse found no DOConv2D in Net"):
+    with pytest.warns(UserWarning, match=re.escape(doconv_core.nothing_to_fuse(
+            net, "DOConv1D, DOConv2D or DOConv3D"))):
         result = doconv_mx.fuse(net)
     assert result is not net and type(result.stem) is nn.Conv2D
     assert_unchanged(net, before)

@@ -12,21 +12,22 @@ from mxnet import autograd
 
 from doconv_core import DOConvParams
 from doconv_core.testing import crosscheck
-from doconv_mx import DOConv2D
+from doconv_core.testing.cases import cross_cases
+from doconv_mx import DOConvND
 from mx_helpers import unsupported_reason as gluon_unsupported
 
 FRAMEWORK = "mx"
 
 
 def unsupported_reason(case, dtype):
-    """The adapter's own reason: Gluon pads with zeros only, and 'same' only where it is one
-    fixed symmetric padding (stride 1, even (kernel-1)*dilation)."""
+    """The adapter's own reason: Gluon pads with zeros only, each axis alike on both sides by
+    a fixed amount ('same' only with stride 1 and even (kernel-1)*dilation; no 'causal')."""
     return gluon_unsupported(case.spec)
 
 
 def compute(case, dtype, inputs, R):
     params = DOConvParams(case.spec, W=inputs["W"], D=inputs["D"], bias=inputs["bias"])
-    layer = DOConv2D.from_params(params)
+    layer = DOConvND.from_params(params)  # the layer of the case's rank
     x = mx.nd.array(inputs["x"], dtype=dtype)
     x.attach_grad()
     with autograd.record():
@@ -47,5 +48,12 @@ def test_write_cross_artifacts(tmp_path):
     crosscheck.produce_artifacts(directory, FRAMEWORK, compute, unsupported_reason)
     artifacts, failures = crosscheck.self_check(directory, FRAMEWORK)
     assert not failures, "\n".join(failures)
-    assert len({case for case, _ in artifacts.results}) >= 30
+    computed = {case for case, _ in artifacts.results}
+    assert len(computed) >= 50
+    ranks = {case.spec.rank for case in cross_cases() if case.name in computed}
+    assert ranks == {1, 2, 3}
+    # Every case is computed or listed as unsupported, with both dtypes alike.
+    for case in cross_cases():
+        keys = {f"{case.name}@{dtype}" for dtype in crosscheck.DTYPES}
+        assert (case.name in computed) != (keys <= set(artifacts.unsupported)), case.name
     assert np.isfinite(next(iter(artifacts.results.values()))["output"]).all()

@@ -7,6 +7,7 @@ from gluoncv.model_zoo import get_model
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
+import doconv_core
 import doconv_mx
 from doconv_mx import DOConv2D
 from mx_helpers import count as _count
@@ -235,3 +236,94 @@ def test_data_parallel_matches_single_context():
         np.testing.assert_allclose(double[key], single[key], rtol=1e-10, atol=1e-12)
     start = _train([mx.cpu(0)], x, y, steps=0)
     assert not np.allclose(single["doconv0_D"], start["doconv0_D"])  # training moved D
+
+
+class MixedRanks(nn.HybridBlock):
+    """A 3-D conv, then a 2-D conv over (channels x depth) maps, then 1-D convs over the
+    flattened positions: every rank in one net (one conv with a deferred in_channels)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv3 = nn.Conv3D(4, (3, 3, 3), padding=(1, 1, 1), in_channels=2,
+                                   activation="relu")
+            self.conv2 = nn.Conv2D(6, 3, strides=2, groups=2, in_channels=16)
+            self.bn = nn.BatchNorm(in_channels=6)
+            self.conv1 = nn.HybridSequential()
+            self.conv1.add(nn.Conv1D(6, 3, padding=1, groups=6),  # depthwise, deferred C_in
+                           nn.Conv1D(3, 1, use_bias=False, in_channels=6))
+
+    def hybrid_forward(self, F, x):
+        y = self.conv3(x)  # (N, 4, 4, 8, 8)
+        y = self.bn(self.conv2(F.reshape(y, shape=(0, -3, -2))))  # (N, 6, 3, 3)
+        return self.conv1(F.reshape(y, shape=(0, 0, -1)))  # (N, 3, 9)
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_convert_fuse_a_net_mixing_ranks(tmp_path, hybridize):
+    net = MixedRanks()
+    net.initialize(mx.init.Xavier())
+    if hybridize:
+        net.hybridize()
+    x = mx.nd.random.normal(shape=(2, 2, 4, 8, 8))
+    expected = net(x).asnumpy()
+    converted = doconv_mx.convert(net)
+    kinds = {1: doconv_mx.DOConv1D, 2: DOConv2D, 3: doconv_mx.DOConv3D}
+    layers = doconv_mx.doconv_layers(converted)
+    assert {name: type(layer) for name, layer in layers.items()} == {
+        "conv3": kinds[3], "conv2": kinds[2], "conv1.0": kinds[1], "conv1.1": kinds[1]}
+    assert _count(net, doconv_mx.DOConvND) == 0 and type(net.conv1[0]) is nn.Conv1D
+    assert layers["conv3"]._active == hybridize
+    np.testing.assert_allclose(converted(x).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    trainer = gluon.Trainer(converted.collect_params(), "sgd", {"learning_rate": 0.05})
+    with autograd.record():
+        loss = (converted(x) ** 2).mean()
+    loss.backward()
+    trainer.step(2)
+    assert all(np.abs(layer.D.data().asnumpy()).max() > 0
+               for layer in layers.values() if layer.D is not None)
+    trained = converted(x).asnumpy()
+    fused = doconv_mx.fuse(converted)
+    assert _count(fused, doconv_mx.DOConvND) == 0
+    assert [type(b) for b in (fused.conv3, fused.conv2, fused.conv1[0], fused.conv1[1])] == [
+        nn.Conv3D, nn.Conv2D, nn.Conv1D, nn.Conv1D]
+    np.testing.assert_allclose(fused(x).asnumpy(), trained, rtol=1e-5, atol=1e-5)
+    # Every rank's parameters go through the portable file, and the fused net exports.
+    path = tmp_path / "mixed.npz"
+    doconv_mx.export_params(converted, path)
+    assert {name: p.spec.rank for name, p in doconv_core.load_params(path).items()} == {
+        "conv3": 3, "conv2": 2, "conv1.0": 1, "conv1.1": 1}
+    fresh = doconv_mx.convert(MixedRanks())
+    fresh.initialize()
+    assert doconv_mx.import_params(fresh, path) == ["conv1.0", "conv1.1", "conv2", "conv3"]
+    with autograd.predict_mode():
+        np.testing.assert_allclose(fresh.conv1(mx.nd.ones((1, 6, 9))).asnumpy(),
+                                   converted.conv1(mx.nd.ones((1, 6, 9))).asnumpy(),
+                                   rtol=1e-6, atol=1e-6)
+    fused.hybridize()
+    y = fused(x).asnumpy()
+    fused.export(str(tmp_path / "fused"))
+    block = gluon.SymbolBlock.imports(str(tmp_path / "fused-symbol.json"), ["data"],
+                                      str(tmp_path / "fused-0000.params"))
+    np.testing.assert_allclose(block(x).asnumpy(), y, rtol=1e-6, atol=1e-6)
+
+
+def test_convert_picks_ranks_by_include_and_checks_every_rank():
+    net = MixedRanks()
+    net.initialize()
+    only_1d = doconv_mx.convert(net, include=lambda name, conv: isinstance(conv, nn.Conv1D))
+    assert sorted(doconv_mx.doconv_layers(only_1d)) == ["conv1.0", "conv1.1"]
+    assert type(only_1d.conv3) is nn.Conv3D and type(only_1d.conv2) is nn.Conv2D
+    assert doconv_mx.convert(net, D_mul=30).conv3.spec.D_mul == 30
+    with pytest.raises(ValueError, match="layer 'conv3': D_mul must be >= kernel volume = 27 "
+                                         "for a 3x3x3 kernel, got 10"):
+        doconv_mx.convert(net, D_mul=10)
+    channels_last = nn.HybridSequential()
+    channels_last.add(nn.Conv1D(4, 3), nn.Conv3D(4, 3, layout="NDHWC"))
+    with pytest.raises(ValueError, match=r"layer '1': layout must be 'NCDHW' \(MXNet 1.9's "
+                                         r"CPU Convolution supports no other 3-D layout\)"):
+        doconv_mx.convert(channels_last)
+    bare = nn.Conv1D(4, 3, in_channels=2)
+    bare.initialize()
+    layer = doconv_mx.convert(bare)
+    assert type(layer) is doconv_mx.DOConv1D and type(doconv_mx.fuse(layer)) is nn.Conv1D
