@@ -1,6 +1,6 @@
 """The CPU fast path of the kernel composition: a C kernel compiled at first use.
 
-``c_forward(W, D, groups, M, N)`` returns the same kernel as DOConv2d's einsum
+``c_forward(W, D, groups, M, N)`` returns the same kernel as the layers' einsum
 (``K[o, i, :] = (D + D_diag)[c(o, i)] @ W[o, i, :]``, doconv-math.md; the kernel adds the fixed
 identity D_diag on the fly) and ``c_backward`` the fused backward (dW and dD in one pass).
 ``_ops`` registers both as the CPU implementation of the ``doconv::compose`` operator.
@@ -34,7 +34,8 @@ How the library gets compiled, and why it is safe to load:
 ``DOCONV_CKERNEL``: ``auto`` (default: use the kernel when it builds, else einsum with one
 warning), ``0`` (always einsum, no warning), ``1`` (required: raise if it cannot be built;
 the test suite runs this way so that the fast path cannot silently go missing).
-The kernel serves CPU float32/float64 with M*N and D_mul up to 32; everything else composes
+The kernel serves CPU float32/float64 with a kernel volume (M*N in 2-D, K in 1-D, K_d*K_h*K_w
+in 3-D) and D_mul up to 32, for every rank (it sees the volume only); everything else composes
 with einsum.
 """
 
@@ -87,7 +88,7 @@ _TEMP_NAME = re.compile(r"tmp-([0-9a-f]{8})-([0-9]+)-.*|tmp[a-z0-9_]{8}")
 
 
 class Backend(NamedTuple):
-    """Which composition DOConv2d uses on CPU, and why."""
+    """Which composition the DO-Conv layers use on CPU, and why."""
     name: str  # "c" or "einsum"
     detail: str  # the library and its flags, or why the kernel is not used
 
@@ -420,7 +421,8 @@ def _library() -> Optional[ctypes.CDLL]:
                 _State.backend = Backend("einsum", str(error))
                 warnings.warn(
                     f"doconv_torch: the C composition kernel is unavailable ({error}); "
-                    "DOConv2d composes its kernel with einsum, which trains slower on CPU. "
+                    "the DO-Conv layers compose their kernels with einsum, which trains "
+                    "slower on CPU. "
                     "Set DOCONV_CKERNEL=0 to choose einsum without this warning.",
                     RuntimeWarning, stacklevel=4)
         _State.tried = True

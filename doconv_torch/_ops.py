@@ -1,9 +1,12 @@
 """The kernel composition as one PyTorch operator, ``torch.ops.doconv.compose``.
 
 ``compose(W, D, groups, M, N)`` is K = einsum('gois,gims->goim', W, D + D_diag) laid out as
-(C_out, C_in/groups, M, N), doconv-math.md. The fixed identity D_diag is built inside the
-operator (the C kernel adds it on the fly), so a layer holds no state besides W, D, bias:
-nothing to initialise after ``to_empty``, move, broadcast or keep in step.
+(C_out, C_in/groups, M, N), doconv-math.md. The composition depends on the kernel's volume
+M*N only, so one operator serves every rank: DOConv2d passes its kernel's (M, N), DOConv1d
+(K, 1) and DOConv3d (K_d, K_h*K_w), and views the contiguous result as its kernel_size.
+The fixed identity D_diag is built inside the operator (the C kernel adds it on the fly), so
+a layer holds no state besides W, D, bias: nothing to initialise after ``to_empty``, move,
+broadcast or keep in step.
 
 Registered with ``torch.library``: a CPU implementation (the compiled kernel of ``_ckernel``
 where it applies, else einsum), a default one for every other device (einsum), a fake one

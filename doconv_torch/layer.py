@@ -1,4 +1,5 @@
-"""DOConv2d: a drop-in replacement for torch.nn.Conv2d (math: doconv_core, doconv-math.md)."""
+"""DOConv1d, DOConv2d, DOConv3d: drop-in replacements for torch.nn.Conv1d/Conv2d/Conv3d (math:
+doconv_core, doconv-math.md), one implementation for every number of spatial axes."""
 
 # No `from __future__ import annotations` here: TorchScript reads this module's annotations.
 import dataclasses
@@ -16,9 +17,9 @@ from doconv_core import ConvSpec, DOConvParams
 
 from . import _ckernel, _ops
 
-__all__ = ["DOConv2d"]
+__all__ = ["DOConv1d", "DOConv2d", "DOConv3d"]
 
-_Size2 = Union[int, Tuple[int, int]]
+_Size = Union[int, Tuple[int, ...]]
 _Device = Optional[Union[str, torch.device]]
 
 
@@ -38,44 +39,67 @@ def _is_fx_tracing() -> bool:
     return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
-class DOConv2d(nn.Module):
-    """Depthwise over-parameterized 2-D convolution with nn.Conv2d's signature plus ``D_mul``.
+# Each rank's native conv: what ``fuse`` returns and ``from_conv`` takes.
+_NATIVE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# How input errors name the layout of each rank: (batched, unbatched).
+_INPUT_LAYOUTS = {1: ("3-D (N, C, L)", "2-D (C, L)"), 2: ("4-D (N, C, H, W)", "3-D (C, H, W)"),
+                  3: ("5-D (N, C, D, H, W)", "4-D (C, D, H, W)")}
 
-    Trainable ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, M*N, D_mul; absent for a
-    1x1 kernel) and ``bias``, and no other state: the fixed identity ``D_diag`` is part of
-    the composition (``torch.ops.doconv.compose``), so meta-device builds, ``to_empty`` and
-    sharded loading need nothing besides the state dict.
-    ``weight`` is the composed kernel, so code that reads ``conv.weight`` keeps working.
-    Subclasses nn.Module, not nn.Conv2d: tools that see an nn.Conv2d expect ``weight``
-    to be a Parameter (weight_norm, pruning, quantization, fusers) and would misfire.
+
+class _DOConvNd(nn.Module):
+    """The DO-Conv layer for any number of spatial axes; DOConv1d, DOConv2d and DOConv3d fix
+    ``_rank`` (the number of spatial axes) and are what users build.
+
+    Trainable ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, MN, D_mul, with MN the kernel's
+    volume; absent for a kernel of one element) and ``bias``, and no other state: the fixed
+    identity ``D_diag`` is part of the composition (``torch.ops.doconv.compose``), so
+    meta-device builds, ``to_empty`` and sharded loading need nothing besides the state dict.
+    ``weight`` is the composed kernel (C_out, C_in/groups, *kernel_size), so code that reads
+    ``conv.weight`` keeps working. Subclasses nn.Module, not the native conv: tools that see
+    an nn.Conv2d expect ``weight`` to be a Parameter (weight_norm, pruning, quantization,
+    fusers) and would misfire.
     """
 
     __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "in_channels",
-                     "out_channels", "kernel_size", "D_mul"]
+                     "out_channels", "kernel_size", "D_mul", "_rank", "_compose_M",
+                     "_compose_N", "_conv_padding"]
     __annotations__ = {"bias": Optional[Tensor], "D": Optional[Tensor]}
     # Python-only properties: TorchScript compiles forward without them.
     __jit_unused_properties__ = ["weight", "spec"]
 
+    _rank: int  # the number of spatial axes: a class attribute of each public class
     in_channels: int
     out_channels: int
-    kernel_size: Tuple[int, int]
-    stride: Tuple[int, int]
-    padding: Union[str, Tuple[int, int]]
-    dilation: Tuple[int, int]
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    padding: Union[str, Tuple[int, ...]]
+    dilation: Tuple[int, ...]
     groups: int
     padding_mode: str
     D_mul: int
+    # The composition's (M, N): the kernel's volume as M x N (see _compose).
+    _compose_M: int
+    _compose_N: int
+    _kernel_shape: List[int]
     _reversed_padding_repeated_twice: List[int]
+    _conv_padding: Union[str, Tuple[int, ...]]  # the conv's own: none where F.pad pads
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Size2,
-                 stride: _Size2 = 1, padding: Union[str, _Size2] = 0, dilation: _Size2 = 1,
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Size,
+                 stride: _Size = 1, padding: Union[str, _Size] = 0, dilation: _Size = 1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  device: _Device = None, dtype: Optional[torch.dtype] = None, *,
                  D_mul: Optional[int] = None) -> None:
+        rank = getattr(type(self), "_rank", None)
+        if rank not in _NATIVE:
+            raise TypeError(f"{type(self).__name__} must set _rank to 1, 2 or 3; build "
+                            "DOConv1d, DOConv2d or DOConv3d")
         spec = ConvSpec(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                        bias, padding_mode, D_mul=D_mul)
-        if spec.padding == "same" and spec.stride != (1, 1):
-            # PyTorch's own rule (nn.Conv2d raises the same); Keras allows it.
+                        bias, padding_mode, D_mul=D_mul, rank=rank)
+        if spec.padding == "causal":
+            raise ValueError("padding='causal' is not supported in PyTorch (nn.Conv1d has no "
+                             "causal padding); pad the input on the left instead")
+        if spec.padding == "same" and any(s != 1 for s in spec.stride):
+            # PyTorch's own rule (nn.Conv1d/2d/3d raise the same); Keras allows it.
             raise ValueError(
                 "padding='same' is not supported for strided convolutions in PyTorch, "
                 f"got stride={spec.stride}")
@@ -95,11 +119,8 @@ class DOConv2d(nn.Module):
         self.D_mul = spec.D_mul
         # Read by code that inspects conv attributes generically.
         self.transposed = False
-        self.output_padding = (0, 0)
-        # nn.Conv2d's F.pad argument for the non-zero padding modes (and 'same'):
-        # (left, right, top, bottom), from the core's fixed padding.
-        (top, bottom), (left, right) = spec.fixed_padding()
-        self._reversed_padding_repeated_twice = [left, right, top, bottom]
+        self.output_padding = (0,) * rank
+        self._set_layout()
 
         self.W = nn.Parameter(torch.empty(spec.W_shape, **factory))
         if spec.has_D:
@@ -113,12 +134,29 @@ class DOConv2d(nn.Module):
         self._cache = None  # (key, kernel, kernel's version): see _kernel
         self.reset_parameters()
 
+    @torch.jit.unused
+    def _set_layout(self) -> None:
+        """The attributes the forward reads besides the spec's own."""
+        spec = self._spec
+        # The composition depends on the kernel's volume only: it runs on an (M, N) kernel
+        # (2-D: the kernel itself; 1-D: (k, 1); 3-D: (k0, k1*k2)) reshaped to kernel_size.
+        self._compose_M = spec.kernel_size[0]
+        self._compose_N = math.prod(spec.kernel_size[1:])
+        self._kernel_shape = list(spec.kernel_shape)
+        # The native conv's F.pad argument for the non-zero padding modes (and 'same'):
+        # (before, after) per axis, last axis first, from the core's fixed padding.
+        self._reversed_padding_repeated_twice = [
+            pad for pair in reversed(spec.fixed_padding()) for pad in pair]
+        self._conv_padding = (spec.padding if spec.padding_mode == "zeros"
+                              else (0,) * spec.rank)
+
     # -- initialisation ----------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """W and bias as nn.Conv2d initialises weight and bias (same fan-in), D = 0."""
-        # The fan-in of the equivalent (C_out, C_in/g, M, N) kernel, not of W's own shape.
+        """W and bias as the native conv initialises weight and bias (same fan-in), D = 0."""
+        # The fan-in of the equivalent (C_out, C_in/g, *kernel_size) kernel, not of W's own
+        # shape.
         fan_in = self._spec.fan_in
-        # kaiming_uniform_(a=sqrt(5))'s own arithmetic, so D_mul = M*N draws nn.Conv2d's weight.
+        # kaiming_uniform_(a=sqrt(5))'s own arithmetic, so D_mul = MN draws the native weight.
         std = init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
         bound = math.sqrt(3.0) * std
         with torch.no_grad():
@@ -132,28 +170,35 @@ class DOConv2d(nn.Module):
     # -- the composed kernel -----------------------------------------------------------
     def _compose(self) -> Tensor:
         """K = einsum('gois,gims->goim', W, D + D_diag), contiguous: ``doconv::compose``
-        (on CPU float32/float64 the compiled kernel of ``_ckernel``, elsewhere einsum)."""
+        (on CPU float32/float64 the compiled kernel of ``_ckernel``, elsewhere einsum).
+
+        The composition sees the kernel's volume only; it composes the kernel laid out as
+        (M, N) = (_compose_M, _compose_N), which other ranks than 2 view as kernel_size."""
         D = self.D
-        M = self.kernel_size[0]
-        N = self.kernel_size[1]
         if D is None:
-            return self.W.reshape(self.out_channels, self.in_channels // self.groups, M, N)
+            return self.W.reshape(self._kernel_shape)
         if torch.jit.is_scripting():
-            return _ops.einsum_compose(self.W, D, self.groups, M, N)
-        return self._compose_op(D)
+            kernel = _ops.einsum_compose(self.W, D, self.groups, self._compose_M,
+                                         self._compose_N)
+        else:
+            kernel = self._compose_op(D)
+        if self._rank != 2:
+            kernel = kernel.reshape(self._kernel_shape)  # a view: still contiguous
+        return kernel
 
     @torch.jit.unused
     def _compose_op(self, D: Tensor) -> Tensor:
         if torch.jit.is_tracing() or _ckernel._functorch_active():
             # A TorchScript trace must load without this package, and vmap has no rule for
             # the operator: both record the plain ops.
-            return _ops.einsum_compose(self.W, D, self.groups, *self.kernel_size)
-        return _ops.compose(self.W, D, self.groups, *self.kernel_size)
+            return _ops.einsum_compose(self.W, D, self.groups, self._compose_M,
+                                       self._compose_N)
+        return _ops.compose(self.W, D, self.groups, self._compose_M, self._compose_N)
 
     @torch.jit.unused
     def _compose_eager(self) -> Tensor:
         # Compose in the parameters' dtype even under autocast: the conv then casts the
-        # kernel exactly as it casts a fused nn.Conv2d's weight.
+        # kernel exactly as it casts a fused native conv's weight.
         device_type = self.W.device.type
         try:
             autocast = torch.is_autocast_enabled(device_type)
@@ -226,14 +271,15 @@ class DOConv2d(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The effective (composed) kernel, shape (C_out, C_in/groups, M, N)."""
+        """The effective (composed) kernel, shape (C_out, C_in/groups, *kernel_size)."""
         return self._kernel()
 
     @weight.setter
     def weight(self, value: Any) -> None:
-        raise AttributeError("DOConv2d.weight is the kernel composed from W and D and cannot be "
-                             "assigned; set W and D, or build the layer with "
-                             "DOConv2d.from_conv(conv)")
+        name = type(self).__name__
+        raise AttributeError(f"{name}.weight is the kernel composed from W and D and cannot be "
+                             f"assigned; set W and D, or build the layer with "
+                             f"{name}.from_conv(conv)")
 
     @property
     def spec(self) -> ConvSpec:
@@ -242,24 +288,30 @@ class DOConv2d(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         if self.padding_mode != "zeros":
-            return F.conv2d(F.pad(input, self._reversed_padding_repeated_twice,
-                                  mode=self.padding_mode),
-                            weight, bias, self.stride, (0, 0), self.dilation, self.groups)
-        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation,
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        # _rank is a constant: Python and TorchScript alike run one of these calls.
+        if self._rank == 1:
+            return F.conv1d(input, weight, bias, self.stride, self._conv_padding,
+                            self.dilation, self.groups)
+        if self._rank == 2:
+            return F.conv2d(input, weight, bias, self.stride, self._conv_padding,
+                            self.dilation, self.groups)
+        return F.conv3d(input, weight, bias, self.stride, self._conv_padding, self.dilation,
                         self.groups)
 
     @torch.jit.unused
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise ValueError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if input.dim() not in (3, 4):
-            raise ValueError("input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape "
+        if input.dim() not in (self._rank + 1, self._rank + 2):
+            batched, unbatched = _INPUT_LAYOUTS[self._rank]
+            raise ValueError(f"input must be {batched} or {unbatched}, got shape "
                              f"{tuple(input.shape)}")
-        self._spec.check_input_channels(input.shape[-3])
+        self._spec.check_input_channels(input.shape[-self._rank - 1])
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            if input.dim() < 3 or input.shape[-3] != self.in_channels:
+            if input.dim() < self._rank + 1 or input.shape[-self._rank - 1] != self.in_channels:
                 raise ValueError("input must have " + str(self.in_channels)
                                  + " channels (the layer's in_channels)")
             weight = self._compose()
@@ -290,10 +342,15 @@ class DOConv2d(nn.Module):
         state["_cache"] = None  # deepcopy / pickle never carry the cached kernel
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_conv_padding" not in self.__dict__:  # pickled by a version without them
+            self._set_layout()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A plain nn.Conv2d state (``weight``) loads by embedding: a model built with
-        # DOConv2d takes pretrained nn.Conv2d checkpoints (D = 0, the same function).
+        # A plain native conv's state (``weight``) loads by embedding: a model built with
+        # DO-Conv layers takes pretrained nn.ConvNd checkpoints (D = 0, the same function).
         key = prefix + "weight"
         if key in state_dict and prefix + "W" not in state_dict and prefix + "D" not in \
                 state_dict:
@@ -301,8 +358,9 @@ class DOConv2d(nn.Module):
             shape = tuple(getattr(kernel, "shape", ()))
             if shape != self._spec.kernel_shape:
                 error_msgs.append(
-                    f"size mismatch for {key}: copying an nn.Conv2d weight of shape {shape} "
-                    f"into a DOConv2d whose kernel has shape {self._spec.kernel_shape}")
+                    f"size mismatch for {key}: copying an {_native_name(self._rank)} weight "
+                    f"of shape {shape} into a {type(self).__name__} whose kernel has shape "
+                    f"{self._spec.kernel_shape}")
                 return
             D, W = doconv_core.embed_kernel(_numpy(kernel), groups=self.groups,
                                             D_mul=self.D_mul)
@@ -314,9 +372,9 @@ class DOConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         s = "{in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}"
-        if self.padding != (0, 0):
+        if self.padding != (0,) * len(self.padding):
             s += ", padding={padding}"
-        if self.dilation != (1, 1):
+        if self.dilation != (1,) * len(self.dilation):
             s += ", dilation={dilation}"
         if self.groups != 1:
             s += ", groups={groups}"
@@ -329,7 +387,7 @@ class DOConv2d(nn.Module):
 
     @classmethod
     def _uninitialized(cls, spec: ConvSpec, device: _Device = None,
-                       dtype: Optional[torch.dtype] = None) -> "DOConv2d":
+                       dtype: Optional[torch.dtype] = None) -> "_DOConvNd":
         """A layer for ``spec`` whose D, W, bias the caller fills (no RNG draws)."""
         layer = cls(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
                     spec.padding, spec.dilation, spec.groups, spec.bias, spec.padding_mode,
@@ -343,14 +401,17 @@ class DOConv2d(nn.Module):
         return any(param.is_meta for param in self.parameters(recurse=False))
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, D_mul: Optional[int] = None) -> "DOConv2d":
-        """The DO-Conv layer computing exactly what ``conv`` computes (D = 0, W embeds it)."""
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    def from_conv(cls, conv: nn.Module, *, D_mul: Optional[int] = None) -> "_DOConvNd":
+        """The DO-Conv layer computing exactly what ``conv`` (an nn.Conv1d for DOConv1d,
+        nn.Conv2d for DOConv2d, nn.Conv3d for DOConv3d) computes (D = 0, W embeds it)."""
+        native = _NATIVE[cls._rank]
+        if not isinstance(conv, native):
+            raise ValueError(f"conv must be an {_native_name(cls._rank)}, got "
+                             f"{type(conv).__name__}")
         spec = ConvSpec(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                        conv.padding_mode)
-        if spec.has_D:  # D_mul applies to kernels with a D; a 1x1 conv has none
+                        conv.padding_mode, rank=cls._rank)
+        if spec.has_D:  # D_mul applies to kernels with a D; a kernel of one element has none
             spec = dataclasses.replace(spec, D_mul=D_mul)
         D, W = doconv_core.embed_kernel(_numpy(conv.weight), groups=spec.groups,
                                         D_mul=spec.D_mul)
@@ -364,15 +425,15 @@ class DOConv2d(nn.Module):
         layer.train(conv.training)
         return layer
 
-    def fuse(self) -> nn.Conv2d:
-        """The plain nn.Conv2d with the composed kernel: same outputs, a plain conv's cost.
-        Its weight takes W's requires_grad, its bias the bias'; device, dtype and training
-        mode are the layer's."""
+    def fuse(self) -> nn.Module:
+        """The plain native conv (nn.Conv1d, nn.Conv2d or nn.Conv3d) with the composed kernel:
+        same outputs, a plain conv's cost. Its weight takes W's requires_grad, its bias the
+        bias'; device, dtype and training mode are the layer's."""
         with torch.no_grad():
             kernel = self._compose_eager()  # the forward's own computation, bit for bit
             conv = nn.utils.skip_init(
-                nn.Conv2d, self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                self.padding, self.dilation, self.groups, self.bias is not None,
+                _NATIVE[self._rank], self.in_channels, self.out_channels, self.kernel_size,
+                self.stride, self.padding, self.dilation, self.groups, self.bias is not None,
                 self.padding_mode, device=self.W.device, dtype=self.W.dtype)
             conv.weight.copy_(kernel)
             if self.bias is not None:
@@ -389,11 +450,20 @@ class DOConv2d(nn.Module):
 
     @classmethod
     def from_params(cls, params: DOConvParams, *, device: _Device = None,
-                    dtype: Optional[torch.dtype] = None) -> "DOConv2d":
-        """A layer holding ``params`` (from any adapter's ``to_params`` or a .npz file)."""
+                    dtype: Optional[torch.dtype] = None) -> "_DOConvNd":
+        """A layer holding ``params`` (from any adapter's ``to_params`` or a .npz file).
+
+        ``params.spec`` must have this class's rank. 'causal' padding (1-D) is taken only
+        where it pads nothing (a kernel of one element): PyTorch has no causal padding."""
         if not isinstance(params, DOConvParams):
             raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
-        layer = cls._uninitialized(params.spec, device, dtype)
+        spec = params.spec
+        if spec.rank != cls._rank:
+            raise ValueError(f"params.spec describes a {spec.rank}-D layer (rank={spec.rank}); "
+                             f"{cls.__name__} is {cls._rank}-D, use DOConv{spec.rank}d")
+        if spec.padding == "causal":
+            spec = spec.normalized()  # 'valid' where causal pads nothing, else still causal
+        layer = cls._uninitialized(spec, device, dtype)
         layer.set_params(params)
         return layer
 
@@ -414,3 +484,47 @@ class DOConv2d(nn.Module):
                 param = getattr(self, name)
                 if param is not None:
                     param.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+
+
+def _native_name(rank: int) -> str:
+    return f"nn.Conv{rank}d"
+
+
+class DOConv1d(_DOConvNd):
+    """Depthwise over-parameterized 1-D convolution with nn.Conv1d's signature plus ``D_mul``.
+
+    ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, K, D_mul; absent for kernel_size 1) and
+    ``bias``; ``weight`` is the composed (C_out, C_in/groups, K) kernel. Inputs (N, C, L) or
+    (C, L). ``fuse()`` returns an nn.Conv1d; padding='causal' (Keras' Conv1D) is refused, as
+    nn.Conv1d has none. Everything else as DOConv2d.
+    """
+
+    _rank = 1
+
+
+class DOConv2d(_DOConvNd):
+    """Depthwise over-parameterized 2-D convolution with nn.Conv2d's signature plus ``D_mul``.
+
+    Trainable ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, M*N, D_mul; absent for a
+    1x1 kernel) and ``bias``, and no other state: the fixed identity ``D_diag`` is part of
+    the composition (``torch.ops.doconv.compose``), so meta-device builds, ``to_empty`` and
+    sharded loading need nothing besides the state dict.
+    ``weight`` is the composed kernel, so code that reads ``conv.weight`` keeps working.
+    Subclasses nn.Module, not nn.Conv2d: tools that see an nn.Conv2d expect ``weight``
+    to be a Parameter (weight_norm, pruning, quantization, fusers) and would misfire.
+    ``fuse()`` returns an nn.Conv2d.
+    """
+
+    _rank = 2
+
+
+class DOConv3d(_DOConvNd):
+    """Depthwise over-parameterized 3-D convolution with nn.Conv3d's signature plus ``D_mul``.
+
+    ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, K_d*K_h*K_w, D_mul; absent for a 1x1x1
+    kernel) and ``bias``; ``weight`` is the composed (C_out, C_in/groups, K_d, K_h, K_w)
+    kernel. Inputs (N, C, D, H, W) or (C, D, H, W). ``fuse()`` returns an nn.Conv3d.
+    Everything else as DOConv2d.
+    """
+
+    _rank = 3

@@ -17,7 +17,7 @@ from torch import nn
 import doconv_core
 from doconv_core import ROOT_NAME, CheckpointError, Include, LegacyLoadReport, check_int
 
-from .layer import DOConv2d
+from .layer import DOConv1d, DOConv2d, DOConv3d, _DOConvNd
 
 __all__ = ["convert", "fuse", "doconv_layers", "export_params", "import_params", "load_legacy",
            "LegacyLoadReport"]
@@ -71,6 +71,12 @@ def _replaced(model: nn.Module, pick: Callable[[str, nn.Module], bool],
     return result
 
 
+# The native convs convert picks (exact types) and the DO-Conv class each becomes.
+_DOCONV_OF = {nn.Conv1d: DOConv1d, nn.Conv2d: DOConv2d, nn.Conv3d: DOConv3d}
+_NATIVE_NAMES = "nn.Conv1d, nn.Conv2d or nn.Conv3d"
+_DOCONV_NAMES = "DOConv1d, DOConv2d or DOConv3d"
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -78,16 +84,19 @@ def _check_model(model: Any) -> None:
 
 def convert(model: nn.Module, *, include: Include = None,
             D_mul: Optional[int] = None) -> nn.Module:
-    """A copy of ``model`` whose nn.Conv2d modules are DOConv2d layers computing exactly the
-    same function; ``model`` is not changed.
+    """A copy of ``model`` whose nn.Conv1d, nn.Conv2d and nn.Conv3d modules are DOConv1d,
+    DOConv2d and DOConv3d layers computing exactly the same function (ranks may mix in one
+    model); ``model`` is not changed.
 
-    Only modules whose type is exactly nn.Conv2d are converted: subclasses (a materialised
-    LazyConv2d is plain nn.Conv2d; QAT, parametrized or custom-forward convs are not) may
-    compute something else, and DOConv2d itself is never touched. ``include`` picks among
+    Only modules whose type is exactly nn.Conv1d, nn.Conv2d or nn.Conv3d are converted:
+    subclasses (a materialised LazyConv2d is plain nn.Conv2d; QAT, parametrized or
+    custom-forward convs are not) may compute something else, and DO-Conv layers are never
+    touched. ``include`` picks among
     them (``doconv_core.layer_filter``): None for all, layer-name patterns, or a callable
     ``(name, module) -> bool`` given the model's own modules (name as in named_modules(),
     "" for the model itself). A ValueError when nothing is picked. ``D_mul`` applies to
-    kernels with M*N > 1; 1x1 convs have no D. Each layer keeps the conv's device, dtype,
+    kernels of more than one element (volume > 1); 1x1 (1, 1x1x1) convs have no D. Each layer
+    keeps the conv's device, dtype,
     training mode and requires_grad (the weight's goes to W and D, the bias keeps its own).
     """
     _check_model(model)
@@ -96,52 +105,55 @@ def convert(model: nn.Module, *, include: Include = None,
     keep = doconv_core.layer_filter(include)
 
     def pick(name: str, module: nn.Module) -> bool:
-        return type(module) is nn.Conv2d and keep(name, module)
+        return type(module) in _DOCONV_OF and keep(name, module)
 
     def make(name: str, conv: nn.Module) -> nn.Module:
         try:
-            return DOConv2d.from_conv(conv, D_mul=D_mul)
+            return _DOCONV_OF[type(conv)].from_conv(conv, D_mul=D_mul)
         except ValueError as error:
             raise ValueError(f"cannot convert {name or 'the model'!r}: {error}") from None
 
     result = _replaced(model, pick, make)
     if result is None:
-        raise doconv_core.nothing_to_convert(model, "nn.Conv2d", include)
+        raise doconv_core.nothing_to_convert(model, _NATIVE_NAMES, include)
     return result
 
 
 def fuse(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every DOConv2d replaced by its fused nn.Conv2d; ``model`` is
-    not changed. A model without DOConv2d gives a warning and an unchanged copy.
+    """A copy of ``model`` with every DOConv1d, DOConv2d and DOConv3d replaced by its fused
+    nn.Conv1d, nn.Conv2d or nn.Conv3d; ``model`` is not changed. A model without DO-Conv
+    layers gives a warning and an unchanged copy.
 
-    The result's state_dict loads into the same architecture built with nn.Conv2d. Each
-    fused conv takes W's requires_grad for its weight and the bias' for its bias.
+    The result's state_dict loads into the same architecture built with the native convs.
+    Each fused conv takes W's requires_grad for its weight and the bias' for its bias.
     """
     _check_model(model)
-    result = _replaced(model, lambda name, module: isinstance(module, DOConv2d),
+    result = _replaced(model, lambda name, module: isinstance(module, _DOConvNd),
                        lambda name, layer: layer.fuse())
     if result is None:
-        warnings.warn(doconv_core.nothing_to_fuse(model, "DOConv2d"), UserWarning,
+        warnings.warn(doconv_core.nothing_to_fuse(model, _DOCONV_NAMES), UserWarning,
                       stacklevel=2)
         return copy.deepcopy(model)
     return result
 
 
-def doconv_layers(model: nn.Module) -> dict[str, DOConv2d]:
-    """{qualified name: layer} for every DOConv2d in ``model`` ("" for the model itself)."""
+def doconv_layers(model: nn.Module) -> dict[str, _DOConvNd]:
+    """{qualified name: layer} for every DOConv1d, DOConv2d and DOConv3d in ``model`` (""
+    for the model itself)."""
     _check_model(model)
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, DOConv2d)}
+            if isinstance(module, _DOConvNd)}
 
 
 def export_params(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Save every DOConv2d's parameters, keyed by layer name, in the core's .npz container."""
+    """Save every DO-Conv layer's parameters (any rank; the file records each layer's spec,
+    rank included), keyed by layer name, in the core's .npz container."""
     doconv_core.export_layers(path, model, {name or ROOT_NAME: layer for name, layer
-                                            in doconv_layers(model).items()}, "DOConv2d")
+                                            in doconv_layers(model).items()}, _DOCONV_NAMES)
 
 
 def import_params(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
-    """Load a file written by any adapter's ``export_params`` into the model's DOConv2d layers.
+    """Load a file written by any adapter's ``export_params`` into the model's DO-Conv layers.
 
     Every layer must be in the file with the same settings, and the file must hold no
     other layers; nothing is changed unless all match. Returns the layer names loaded.
@@ -151,7 +163,7 @@ def import_params(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     return doconv_core.import_layers(path, layers)
 
 
-def _check_ready(layers: Mapping[str, DOConv2d], source: str) -> None:
+def _check_ready(layers: Mapping[str, _DOConvNd], source: str) -> None:
     """CheckpointError unless every layer can take values: a meta-device parameter would
     silently ignore them."""
     doconv_core.check_layers_ready(layers, source, lambda layer: not layer._on_meta(),
@@ -164,9 +176,10 @@ _SOURCE = "the legacy checkpoint"
 
 def load_legacy(model: nn.Module, weights: Mapping[str, Any], *,
                 strict: bool = True) -> LegacyLoadReport:
-    """Load a state_dict saved with the paper authors' original PyTorch DOConv2d.
+    """Load a state_dict saved with the paper authors' original PyTorch DOConv2d (or one of
+    the same layout for a 1-D or 3-D layer: W (C_out, C_in/groups, D_mul), D (C_in, MN, D_mul)).
 
-    ``model`` (one DOConv2d or a model holding them) is built with this package's layers
+    ``model`` (one DO-Conv layer or a model holding them) is built with this package's layers
     and the original settings (note the original DOConv2d defaulted to bias=False and took
     D_mul as its 4th positional argument). Each layer's ``W``, ``D``, ``d_diag`` (or
     ``D_diag``) and ``bias`` go through ``doconv_core.prepare_legacy`` (layout

@@ -211,6 +211,10 @@ def torch_rows(files: Files) -> Iterator[Row]:
                                 np.zeros(spec.D_shape, np.float32), np.zeros(8, np.float32))
     with torch.device("meta"):
         meta_model = net()
+    one_d_spec = ConvSpec(4, 8, 3, rank=1)
+    one_d = DOConvParams(one_d_spec, np.zeros(one_d_spec.W_shape, np.float32),
+                         np.zeros(one_d_spec.D_shape, np.float32), np.zeros(8, np.float32))
+    one_d_layer = doconv_torch.DOConv1d(4, 8, 3)
 
     yield Row("DOConv2d(4, 8, 0)", "kernel_size", lambda: DOConv2d(4, 8, 0))
     yield Row("DOConv2d(4, 8, 3, groups=3)", "groups", lambda: DOConv2d(4, 8, 3, groups=3))
@@ -223,6 +227,13 @@ def torch_rows(files: Files) -> Iterator[Row]:
     yield Row("DOConv2d(4, 8, 3, padding=-1)", "padding", lambda: DOConv2d(4, 8, 3, padding=-1))
     yield Row("DOConv2d(4, 8, (3, 3, 3))", "kernel_size", lambda: DOConv2d(4, 8, (3, 3, 3)))
     yield Row("DOConv2d(4, 8, 3, bias='yes')", "bias", lambda: DOConv2d(4, 8, 3, bias="yes"))
+    yield Row("DOConv1d(4, 8, 3, padding='causal')", "padding",
+              lambda: doconv_torch.DOConv1d(4, 8, 3, padding="causal"))
+    yield Row("DOConv3d(4, 8, (3, 3))", "kernel_size", lambda: doconv_torch.DOConv3d(4, 8, (3, 3)))
+    yield Row("DOConv3d.from_params(params of a 1-D layer)", "rank",
+              lambda: doconv_torch.DOConv3d.from_params(one_d))
+    yield Row("DOConv1d(4, 8, 3)(x of shape (1, 4, 8, 8))", "input",
+              lambda: one_d_layer(torch.zeros(1, 4, 8, 8)), state(one_d_layer))
     yield Row("DOConv2d.from_params('params')", "params",
               lambda: DOConv2d.from_params("params"))
     yield Row("layer.set_params(params of a 5x5 layer)", "spec",

@@ -139,8 +139,9 @@ def test_include_patterns_match_whole_names():
 ])
 def test_convert_with_nothing_selected_raises(model, include):
     before = snapshot(model)
-    message = str(doconv_core.nothing_to_convert(model, "nn.Conv2d", include))
-    assert message.startswith("convert found no nn.Conv2d")
+    message = str(doconv_core.nothing_to_convert(model, "nn.Conv1d, nn.Conv2d or nn.Conv3d",
+                                                 include))
+    assert message.startswith("convert found no nn.Conv1d, nn.Conv2d or nn.Conv3d")
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         convert(model, include=include)
     assert_same(model, before)
@@ -149,7 +150,8 @@ def test_convert_with_nothing_selected_raises(model, include):
 @pytest.mark.parametrize("model", [nn.Linear(2, 2), Net(), nn.Sequential()])
 def test_fuse_without_doconv_warns_and_copies(model):
     before = snapshot(model)
-    with pytest.warns(UserWarning, match=f"^fuse found no DOConv2d in {type(model).__name__}; "
+    with pytest.warns(UserWarning, match=f"^fuse found no DOConv1d, DOConv2d or DOConv3d in "
+                                         f"{type(model).__name__}; "
                                          "it returns an unchanged copy$"):
         result = fuse(model)
     assert result is not model

@@ -214,6 +214,52 @@ def test_which_layers_use_the_kernel(case):
                                    torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
+RANK_LAYERS = {  # DOConv1d and DOConv3d: the kernel composes their volume as (M, N)
+    "1d_k3_g2_Dmul5": (1, dict(in_channels=6, out_channels=8, kernel_size=3, padding=1,
+                               groups=2, D_mul=5)),
+    "1d_k7_dw": (1, dict(in_channels=4, out_channels=4, kernel_size=7, groups=4)),
+    "3d_3x3x3_g2": (3, dict(in_channels=6, out_channels=8, kernel_size=3, padding=1,
+                            groups=2)),
+    "3d_3x1x2_Dmul8": (3, dict(in_channels=4, out_channels=6, kernel_size=(3, 1, 2),
+                               D_mul=8)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", RANK_LAYERS)
+def test_1d_and_3d_layers_train_through_the_kernel_like_einsum(monkeypatch, name, dtype):
+    from doconv_torch import DOConv1d, DOConv3d
+
+    rank, kwargs = RANK_LAYERS[name]
+    layer = {1: DOConv1d, 3: DOConv3d}[rank](**kwargs, dtype=dtype)
+    with torch.no_grad():
+        layer.D.normal_()
+    x = torch.randn((2, kwargs["in_channels"]) + (9, 6, 5)[:rank], dtype=dtype)
+    results = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("DOCONV_CKERNEL", mode)
+        _ckernel._reset()
+        layer.zero_grad()
+        calls = (_ckernel._Calls.forward, _ckernel._Calls.backward)
+        y = layer(x)
+        y.square().sum().backward()
+        ran = (_ckernel._Calls.forward - calls[0], _ckernel._Calls.backward - calls[1])
+        assert ran == ((1, 1) if mode == "1" else (0, 0)), (mode, ran)
+        results[mode] = [y.detach()] + [p.grad.clone() for p in layer.parameters()]
+    tol = (dict(atol=1e-11, rtol=1e-12) if dtype == torch.float64
+           else dict(atol=1e-4, rtol=1e-5))
+    for c, e in zip(results["1"], results["0"]):
+        torch.testing.assert_close(c, e, **tol)
+
+
+def test_3d_kernels_above_32_elements_compose_with_einsum():
+    from doconv_torch import DOConv3d
+
+    layer = DOConv3d(4, 4, (3, 3, 4), groups=2)  # volume 36 > 32
+    assert not runs_c_kernel(layer)
+    assert runs_c_kernel(DOConv3d(4, 4, (2, 4, 4), groups=2))  # volume 32
+
+
 def test_traced_and_transformed_calls_use_einsum():
     layer, x = layer_and_input()
     traced = torch.jit.trace(layer, x)

@@ -62,6 +62,33 @@ def test_meta_build_then_to_empty_and_load_state_dict(backend):
     """, backend)
 
 
+@pytest.mark.parametrize("rank", [1, 3])
+def test_meta_build_then_to_empty_and_load_state_dict_in_1d_and_3d(backend, rank):
+    run_python(f"""
+        import doconv_torch
+        layer_class = doconv_torch.DOConv{rank}d
+        x = torch.randn((2, 4) + (7, 6, 5)[:{rank}])
+        for kwargs in (dict(), dict(D_mul=30, groups=2), dict(kernel_size=1)):
+            kwargs = dict(dict(kernel_size=3), **kwargs)
+            ref = layer_class(4, 8, padding=1, **kwargs)
+            with torch.no_grad():
+                if ref.D is not None:
+                    ref.D.normal_()
+            with torch.device("meta"):
+                layer = layer_class(4, 8, padding=1, **kwargs)
+            assert layer.W.is_meta and layer.weight.is_meta
+            assert layer.weight.shape == ref.weight.shape
+            layer.to_empty(device="cpu")
+            result = layer.load_state_dict(ref.state_dict())
+            assert not result.missing_keys and not result.unexpected_keys, result
+            assert torch.equal(layer(x), ref(x)), kwargs
+            with torch.no_grad():
+                assert torch.equal(layer(x), ref(x)), kwargs
+            layer(x).sum().backward()
+        print("OK")
+    """, backend)
+
+
 def test_meta_build_then_to_empty_and_reset_parameters(backend):
     run_python("""
         torch.manual_seed(3)
@@ -156,5 +183,11 @@ def test_operator_registrations_agree(backend):
             grad = torch.randn(6, 2, 3, 3, dtype=dtype)
             torch.library.opcheck(torch.ops.doconv.compose_backward.default,
                                   (grad, W.detach(), D.detach(), 2))
+            # The kernel volumes of the other ranks, as DOConv1d (K, 1) and DOConv3d
+            # (K_d, K_h*K_w) pass them.
+            for M, N in ((5, 1), (3, 9)):
+                W = torch.randn(6, 2, M * N + 1, dtype=dtype, requires_grad=True)
+                D = torch.randn(4, M * N, M * N + 1, dtype=dtype, requires_grad=True)
+                torch.library.opcheck(torch.ops.doconv.compose.default, (W, D, 2, M, N))
         print("OK")
     """, backend)

@@ -167,8 +167,8 @@ CONVERT_ERRORS = [
     (dict(D_mul=0), "D_mul must be an integer >= 1, got 0"),
     (dict(include=3), "include must be None, a callable (name, layer) -> bool, or layer-name "
                       "patterns (a string or an iterable of strings), got 3"),
-    (dict(include="x*"), "convert found no nn.Conv2d that include='x*' selects in Sequential; "
-                         "nothing would change"),
+    (dict(include="x*"), "convert found no nn.Conv1d, nn.Conv2d or nn.Conv3d that include='x*' "
+                         "selects in Sequential; nothing would change"),
 ]
 
 
@@ -300,7 +300,8 @@ def test_import_params_mismatches_change_nothing(tmp_path):
         import_params(different, path)
     after = different.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    with pytest.raises(ValueError, match="model has no DOConv2d layers to export"):
+    with pytest.raises(ValueError, match="model has no DOConv1d, DOConv2d or DOConv3d layers to "
+                                         "export"):
         export_params(nn.Linear(2, 2), tmp_path / "none.npz")
 
 
