@@ -1,14 +1,22 @@
-"""Keras 3: DO-Conv against Keras' own convs, per layer shape and for a ResNet-18-style network.
+"""Keras 3: DO-Conv against Keras' own convs, per layer shape and for a ResNet-18-style network,
+in 2-D; a 1-D and a 3-D layer shape and a small 1-D ResNet and R3D-style network beside them.
 
     KERAS_BACKEND=tensorflow|jax python benchmarks/bench_keras.py [--markdown PATH] [--quick]
+        [--part all|layers|network]
 
 Runs on the backend KERAS_BACKEND selects (tensorflow or jax), data_format channels_last,
 float32. Variants, timed interleaved (A B A B ...) in one process:
-  native   keras.layers.Conv2D; for the depthwise shape keras.layers.DepthwiseConv2D (what
-           a Keras model holds there, and what doconv_tf.convert replaces)
-  doconv   doconv_tf.DOConv2D (the network: doconv_tf.convert of the native one)
-There is no einsum variant: DOConv2D's traced call already composes its kernel with one
-einsum, so a straightforward einsum layer would time the same graph.
+  native   keras.layers.Conv1D/Conv2D/Conv3D; for the depthwise shape
+           keras.layers.DepthwiseConv2D (what a Keras model holds there, and what
+           doconv_tf.convert replaces)
+  doconv   doconv_tf.DOConv1D/DOConv2D/DOConv3D (the networks: doconv_tf.convert of the
+           native ones)
+There is no einsum variant: a DO-Conv layer's traced call already composes its kernel with
+one batched matmul, so a straightforward einsum layer would time the same graph.
+
+Cases: the issue's 2-D layer shapes (benchmarks.harness.LAYERS, batch 8 and 32) and
+ResNet-18-style network (112x112, batch 16); RANK_LAYERS (a 1-D shape at batch 16, a 3-D one
+at batch 4) and RANK_NETWORKS (a ResNet-10-style 1-D network, an R3D-10-style 3-D one).
 
 Measures (compiled as a user runs them; JIT_COMPILE below fixes XLA per backend):
   train       per layer: forward + backward with gradients for the input and the layer's
@@ -17,11 +25,11 @@ Measures (compiled as a user runs them; JIT_COMPILE below fixes XLA per backend)
               model.train_on_batch, SGD momentum 0.9, the optimizer step included
   eval        forward in inference mode, DO-Conv unfused, compiled (per layer a tf.function
               / jax.jit over stateless_call with the weights as arguments; the network:
-              predict_on_batch): DOConv2D recomposes its kernel in every such call
-  eval eager  JAX only: an eager layer(x) / model(x) call, training=False, where DOConv2D
-              reuses its composed kernel (not timed on TensorFlow, where an eager call
+              predict_on_batch): a DO-Conv layer recomposes its kernel in every such call
+  eval eager  JAX only: an eager layer(x) / model(x) call, training=False, where a DO-Conv
+              layer reuses its composed kernel (not timed on TensorFlow, where an eager call
               recomposes it as a compiled one does)
-  fused       DOConv2D.fuse() / doconv_tf.fuse()'s Conv2D against native, timed as "eval"
+  fused       layer.fuse() / doconv_tf.fuse()'s Keras layers against native, timed as "eval"
 Layer shapes with padding 1 use padding "same" (Keras has no explicit padding; the cost is
 the same, only a stride-2 layer pads on one side instead of both).
 """
@@ -64,6 +72,15 @@ else:
                      "set KERAS_BACKEND")
 
 Step = Callable[[], object]
+
+# 1-D and 3-D layer shapes, as harness.LAYERS: (name, in, out, kernel, stride, padding, groups,
+# spatial sizes), each rank at its own batch.
+RANK_LAYERS = {
+    1: (16, [("k3 256ch L1024", 256, 256, 3, 1, 1, 1, (1024,))]),
+    3: (4, [("3x3x3 64ch 16x28x28", 64, 64, 3, 1, 1, 1, (16, 28, 28))]),
+}
+QUICK_RANK_LAYERS = {1: (2, [("k3 8ch L32", 8, 8, 3, 1, 1, 1, (32,))]),
+                     3: (2, [("3x3x3 8ch 4x8x8", 8, 8, 3, 1, 1, 1, (4, 8, 8))])}
 
 
 def _progress(case: str, start: float) -> None:
@@ -121,28 +138,33 @@ def infer_eager(model: keras.layers.Layer, x: Any) -> Step:
 
 
 def _native_layer(c_in: int, c_out: int, k: int, stride: int, padding: str,
-                  groups: int) -> keras.layers.Layer:
-    if groups > 1 and groups == c_in == c_out:
-        # A Keras model's depthwise conv; a depthwise DOConv2D runs (and fuses) as one too.
-        return layers.DepthwiseConv2D(k, stride, padding)
-    return layers.Conv2D(c_out, k, stride, padding, groups=groups)
+                  groups: int, rank: int = 2) -> keras.layers.Layer:
+    if groups > 1 and groups == c_in == c_out and rank < 3:
+        # A Keras model's depthwise conv; a depthwise DO-Conv layer runs (and fuses) as one
+        # too (Keras has no DepthwiseConv3D).
+        return getattr(layers, f"DepthwiseConv{rank}D")(k, stride, padding)
+    return getattr(layers, f"Conv{rank}D")(c_out, k, stride, padding, groups=groups)
 
 
 def layer_rows(batch: int, shapes: Sequence[tuple], repeats: int) -> list[Row]:
+    """Rows for layer shapes; the spatial sizes are an int (a square 2-D input, as in
+    harness.LAYERS) or a tuple of one size per axis (its length is the rank)."""
     rows = []
     rng = np.random.default_rng(0)
     for name, c_in, c_out, k, stride, padding, groups, size in shapes:
         start = time.perf_counter()
         keras.utils.set_random_seed(0)
+        spatial = (size, size) if isinstance(size, int) else tuple(size)
+        rank = len(spatial)
         pad = "valid" if padding == 0 else "same"
-        native = _native_layer(c_in, c_out, k, stride, pad, groups)
-        doconv = doconv_tf.DOConv2D(c_out, k, stride, pad, groups=groups)
+        native = _native_layer(c_in, c_out, k, stride, pad, groups, rank)
+        doconv = getattr(doconv_tf, f"DOConv{rank}D")(c_out, k, stride, pad, groups=groups)
         for layer in (native, doconv):
-            layer.build((None, size, size, c_in))
+            layer.build((None, *spatial, c_in))
         fused = doconv.fuse()
         modules = {"native": native, "doconv": doconv}
         x = keras.ops.convert_to_tensor(
-            rng.standard_normal((batch, size, size, c_in), dtype=np.float32))
+            rng.standard_normal((batch, *spatial, c_in), dtype=np.float32))
         case = f"{name} b{batch}"
         for measure, make in (("train", train_step), ("eval", infer_compiled)):
             samples = interleaved_times({v: make(m, x) for v, m in modules.items()},
@@ -159,8 +181,10 @@ def layer_rows(batch: int, shapes: Sequence[tuple], repeats: int) -> list[Row]:
     return rows
 
 
-def _conv_bn(x: Any, filters: int, kernel: int, stride: int) -> Any:
-    x = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False)(x)
+def _conv_bn(x: Any, filters: int, kernel: Any, stride: Any) -> Any:
+    rank = len(x.shape) - 2
+    x = getattr(layers, f"Conv{rank}D")(filters, kernel, stride, padding="same",
+                                        use_bias=False)(x)
     return layers.BatchNormalization()(x)
 
 
@@ -173,23 +197,60 @@ def _basic_block(x: Any, filters: int, stride: int) -> Any:
     return layers.ReLU()(layers.Add()([out, shortcut]))
 
 
+def _resnet(spatial: tuple[int, ...], width: int, classes: int, blocks: int,
+            stem_kernel: Any, stem_stride: Any, max_pool: bool, name: str) -> keras.Model:
+    """A ResNet of basic blocks over len(spatial) axes: stem conv (and max pool), four
+    stages of ``blocks`` blocks each, widths w, 2w, 4w, 8w, strides 1, 2, 2, 2."""
+    rank = len(spatial)
+    inputs = keras.Input((*spatial, 3))
+    x = layers.ReLU()(_conv_bn(inputs, width, stem_kernel, stem_stride))
+    if max_pool:
+        x = getattr(layers, f"MaxPooling{rank}D")(3, 2, padding="same")(x)
+    for stage, filters in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        for block in range(blocks):
+            x = _basic_block(x, filters, 2 if stage > 0 and block == 0 else 1)
+    x = getattr(layers, f"GlobalAveragePooling{rank}D")()(x)
+    return keras.Model(inputs, layers.Dense(classes)(x), name=name)
+
+
 def resnet18(size: int, width: int = 64, classes: int = 1000) -> keras.Model:
     """ResNet-18's layout: 7x7 stem, max pool, four stages of two basic blocks."""
-    inputs = keras.Input((size, size, 3))
-    x = layers.ReLU()(_conv_bn(inputs, width, 7, 2))
-    x = layers.MaxPooling2D(3, 2, padding="same")(x)
-    for stage, filters in enumerate((width, 2 * width, 4 * width, 8 * width)):
-        x = _basic_block(x, filters, 1 if stage == 0 else 2)
-        x = _basic_block(x, filters, 1)
-    x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, layers.Dense(classes)(x), name="resnet18_style")
+    return _resnet((size, size), width, classes, 2, 7, 2, True, "resnet18_style")
+
+
+def resnet10_1d(length: int, width: int = 64, classes: int = 10) -> keras.Model:
+    """A small 1-D ResNet: ResNet-18's layout with one basic block per stage (kernel 7
+    stride 2 stem, max pool, kernel 3 blocks)."""
+    return _resnet((length,), width, classes, 1, 7, 2, True, "resnet10_1d_style")
+
+
+def r3d10(frames: int, size: int, width: int = 32, classes: int = 10) -> keras.Model:
+    """A small R3D-style network (R3D-18's layout with one block per stage): 3x7x7 stem
+    striding space only, no max pool, 3x3x3 basic blocks striding every axis."""
+    return _resnet((frames, size, size), width, classes, 1, (3, 7, 7), (1, 2, 2), False,
+                   "r3d10_style")
+
+
+# name -> (builder, (batch, its arguments), the same for --quick).
+RANK_NETWORKS = {
+    "1-D ResNet-10-style": (resnet10_1d, (16, dict(length=1024, width=64)),
+                            (2, dict(length=64, width=8))),
+    "R3D-10-style": (r3d10, (4, dict(frames=8, size=56, width=32)),
+                     (2, dict(frames=4, size=16, width=4))),
+}
 
 
 def network_rows(batch: int, size: int, width: int, repeats: int,
                  classes: int = 1000) -> list[Row]:
-    start = time.perf_counter()
     keras.utils.set_random_seed(0)
-    native = resnet18(size, width, classes)
+    return model_rows(f"ResNet-18-style {size}x{size} b{batch}",
+                      resnet18(size, width, classes), batch, classes, repeats)
+
+
+def model_rows(case: str, native: keras.Model, batch: int, classes: int,
+               repeats: int) -> list[Row]:
+    """A network's rows: native against doconv_tf.convert of it, and fused."""
+    start = time.perf_counter()
     doconv = doconv_tf.convert(native)
     fused = doconv_tf.fuse(doconv)
     models = {"native": native, "doconv": doconv}
@@ -198,7 +259,7 @@ def network_rows(batch: int, size: int, width: int, repeats: int,
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       jit_compile=JIT_COMPILE)
     rng = np.random.default_rng(0)
-    x = keras.ops.convert_to_tensor(rng.standard_normal((batch, size, size, 3),
+    x = keras.ops.convert_to_tensor(rng.standard_normal((batch, *native.inputs[0].shape[1:]),
                                                         dtype=np.float32))
     y = keras.ops.convert_to_tensor(rng.integers(0, classes, batch))
 
@@ -208,7 +269,6 @@ def network_rows(batch: int, size: int, width: int, repeats: int,
     def predict(model: keras.Model) -> Step:
         return lambda: model.predict_on_batch(x)  # returns NumPy: synced
 
-    case = f"ResNet-18-style {size}x{size} b{batch}"
     rows = [Row(case, "train", medians(interleaved_times(
         {v: train(m) for v, m in models.items()}, repeats=repeats)))]
     rows.append(Row(case, "eval", medians(interleaved_times(
@@ -219,6 +279,25 @@ def network_rows(batch: int, size: int, width: int, repeats: int,
     rows.append(Row(case, "fused", medians(interleaved_times(
         {"native": predict(native), "doconv": predict(fused)}, repeats=repeats))))
     _progress(case, start)
+    return rows
+
+
+def rank_rows(args: Any) -> list[Row]:
+    """The 1-D and 3-D layer shapes and networks, as harness.run_cases runs the 2-D ones
+    (tiny with --quick; --part picks layers or networks)."""
+    quick = args.quick
+    repeats = 2 if quick else args.repeats
+    rows: list[Row] = []
+    if quick or args.part in ("all", "layers"):
+        for batch, shapes in (QUICK_RANK_LAYERS if quick else RANK_LAYERS).values():
+            rows += layer_rows(batch, shapes, repeats)
+    if quick or args.part in ("all", "network"):
+        for name, (build, full, tiny) in RANK_NETWORKS.items():
+            batch, kwargs = tiny if quick else full
+            keras.utils.set_random_seed(0)
+            native = build(**kwargs)
+            sizes = "x".join(str(n) for n in native.inputs[0].shape[1:-1])
+            rows += model_rows(f"{name} {sizes} b{batch}", native, batch, 10, repeats)
     return rows
 
 
@@ -242,7 +321,13 @@ def target_summary(rows: Sequence[Row]) -> str:
         lines.append(f"| ResNet-18-style eval unfused (predict_on_batch) | {network['eval']:.3f} "
                      "| no target: TensorFlow recomposes the kernel in every call |")
     lines.append(f"| ResNet-18-style fused (a plain model) | {network['fused']:.3f} | - |")
-    layer_train = [r for r in rows if r.measure == "train" and not r.case.startswith("ResNet")]
+    for name in RANK_NETWORKS:
+        ratios = {r.measure: r.ratio("doconv") for r in rows if r.case.startswith(name)}
+        if ratios:
+            lines.append(f"| {name} training ratio (no Keras target) | {ratios['train']:.3f} "
+                         f"| - |")
+    networks = ("ResNet-18-style", *RANK_NETWORKS)
+    layer_train = [r for r in rows if r.measure == "train" and not r.case.startswith(networks)]
     if layer_train:
         worst = max(layer_train, key=lambda r: r.ratio("doconv"))
         lines.append(f"| per layer, largest training ratio (no Keras target) "
@@ -253,7 +338,7 @@ def target_summary(rows: Sequence[Row]) -> str:
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parse_arguments(__doc__.split("\n\n")[0], argv)
     start = time.perf_counter()
-    rows = run_cases(args, layer_rows, network_rows)
+    rows = run_cases(args, layer_rows, network_rows) + rank_rows(args)
     framework = {"tensorflow": tf.__version__} if BACKEND == "tensorflow" \
         else {"jax": jax.__version__}
     machine = machine_description({"keras": keras.__version__, "backend": BACKEND, **framework,

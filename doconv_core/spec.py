@@ -125,8 +125,10 @@ def check_padding_mode(value: Any) -> str:
 def kernel_volume_words(kernel_size: Sequence[int]) -> str:
     """How messages name the kernel's volume: 'kernel height*width = 9 for a 3x3 kernel'."""
     volume = math.prod(kernel_size)
+    if len(kernel_size) == 1:
+        return f"kernel length = {volume}"
     shape = "x".join(str(k) for k in kernel_size)
-    what = {1: "kernel size", 2: "kernel height*width", 3: "kernel volume"}[len(kernel_size)]
+    what = {2: "kernel height*width", 3: "kernel volume"}[len(kernel_size)]
     return f"{what} = {volume} for a {shape} kernel"
 
 
@@ -138,7 +140,7 @@ def check_D_mul(value: Any, kernel_size: Sequence[int]) -> int:
         return mn
     number = check_int("D_mul", value)
     if mn == 1 and number != 1:
-        one = "x".join("1" for _ in kernel_size)
+        one = "x".join("1" for _ in kernel_size) if len(kernel_size) > 1 else "length-1"
         raise ValueError(
             f"D_mul must be 1 or None for a {one} kernel (it has no depthwise part), got {number}"
         )

@@ -1,29 +1,32 @@
-"""DOConv2D: a Keras 3 DO-Conv layer written with ``keras.ops`` only (any backend).
+"""DOConv1D, DOConv2D, DOConv3D: Keras 3 DO-Conv layers written with ``keras.ops`` only (any
+backend), one shared implementation (``_DOConv``) whose subclasses fix the number of spatial
+axes (``rank``).
 
 Storage (Keras side of the edge; ``to_params``/``from_params`` convert to the core's
-canonical layout):
+canonical layout), with MN the kernel's volume (M*N in 2-D, its length in 1-D, M*N*P in 3-D):
 
-* ``W``: (D_mul, C_in/groups, filters), a conv kernel's HWIO layout with (M, N) flattened
-  to M*N slots and extended to D_mul. With D_mul = M*N, ``W`` reshaped (M, N, C_in/g,
-  filters) is exactly a Conv2D kernel. Canonical W is its transpose (2, 1, 0).
-* ``D``: (C_in, M*N, D_mul), the canonical layout; absent for a 1x1 kernel.
+* ``W``: (D_mul, C_in/groups, filters), a conv kernel's Keras layout (*kernel_size, C_in/g,
+  filters) with the spatial axes flattened to MN slots and extended to D_mul. With D_mul = MN,
+  ``W`` reshaped (*kernel_size, C_in/g, filters) is exactly a Conv1D/2D/3D kernel. Canonical
+  W is its transpose (2, 1, 0).
+* ``D``: (C_in, MN, D_mul), the canonical layout; absent for a kernel of one element.
 * ``bias``: (filters,).
 
-Initialisation: D = 0. W is filled block by block (M*N slots each) with
-``kernel_initializer`` called for the HWIO shape (M, N, C_in/g, filters), i.e. each block is
-drawn exactly as Keras draws a Conv2D kernel (same fan-in and fan-out); the last block is cut
-to D_mul. With D_mul = M*N the layer therefore starts as the very function a Conv2D with the
-same initializer (and seed) starts as. A seeded initializer returns the same values on every
-call, so its blocks repeat.
+Initialisation: D = 0. W is filled block by block (MN slots each) with ``kernel_initializer``
+called for the kernel's shape (*kernel_size, C_in/g, filters), i.e. each block is drawn
+exactly as Keras draws the kernel of the matching Conv layer (same fan-in and fan-out); the
+last block is cut to D_mul. With D_mul = MN the layer therefore starts as the very function
+a Conv layer with the same initializer (and seed) starts as. A seeded initializer returns the
+same values on every call, so its blocks repeat.
 
 Regularizers and constraints: ``kernel_regularizer`` and ``kernel_constraint`` apply to W
-(as in the original reference layer; with D = 0 and D_mul = M*N, W *is* the kernel), the
+(as in the original reference layer; with D = 0 and D_mul = MN, W *is* the kernel), the
 bias ones to the bias; D has none.
 
 Mixed precision: W, D and bias are not autocast (``add_weight(autocast=False)``); the layer
 composes the kernel in the variable dtype (float32) and casts kernel and bias to the compute
-dtype (inputs are cast by Keras as usual),
-so it computes exactly what its fused Conv2D (whose float32 kernel Keras casts) computes.
+dtype (inputs are cast by Keras as usual), so it computes exactly what its fused layer
+(whose float32 kernel Keras casts) computes.
 
 Composed-kernel cache: on the JAX backend, an eager (untraced) call reuses the kernel
 composed from the very same W and D arrays. JAX arrays are immutable and every Keras
@@ -35,15 +38,19 @@ TF variables change in place with no version counter, and an eager call with
 ``training=False`` may be recorded by a GradientTape (the fine-tuning idiom), so a cache
 could be stale or cut gradients. For inference without the composition use ``fuse``.
 
-Depthwise layers (groups == C_in > 1, filters = C_in * k, equal strides along height and
-width) run through ``ops.depthwise_conv`` with the composed kernel reshaped to
-DepthwiseConv2D's layout (M, N, C_in, k), and ``fuse`` returns a DepthwiseConv2D for them:
-Keras' TensorFlow backend runs a grouped conv through XLA on CPU (and, eagerly, compiles it
-anew on every call), much slower than its native depthwise kernel, which in turn refuses
-unequal strides (those layers stay grouped convs). ``kernel`` stays the grouped HWIO kernel
-(M, N, 1, C_in * k).
+Depthwise layers (groups == C_in > 1, filters = C_in * k) run through ``ops.depthwise_conv``
+with the composed kernel reshaped to the depthwise layout (*kernel_size, C_in, k), and
+``fuse`` returns a DepthwiseConv1D/DepthwiseConv2D for them, where Keras has one that
+computes the layer: in 1-D unless the padding is 'causal' (DepthwiseConv1D has none), in
+2-D for equal strides along height and width (TensorFlow's depthwise kernel refuses unequal
+ones). The others stay grouped convs, and so do all 3-D ones (Keras has no
+DepthwiseConv3D). ``kernel`` stays the grouped kernel (*kernel_size, 1, C_in * k).
 
-channels_first on TensorFlow's CPU runs the conv in NHWC between two transposes (see
+Grouped convs: ``ops.conv`` with the grouped kernel, as Keras' Conv layers run them, except
+for 3-D on TensorFlow without a GPU, where the layer runs one conv per group and
+concatenates the outputs (``_splits_groups``; decided once, when the layer is built).
+
+channels_first on TensorFlow's CPU runs the conv channels-last between two transposes (see
 ``_channels_last_at_edge``), decided once when the layer is built.
 """
 
@@ -60,9 +67,12 @@ from keras import activations, constraints, initializers, ops, regularizers
 
 import doconv_core
 from doconv_core import ConvSpec, DOConvParams
-from doconv_core.spec import native_spec
+from doconv_core.spec import native_spec, padding_strings
 
-# DepthwiseConv2D's names for the kernel settings DOConv2D (and Conv2D) call kernel_*.
+__all__ = ["DOConv1D", "DOConv2D", "DOConv3D"]
+
+# The Depthwise layers' names for the kernel settings DOConv layers (and Conv layers) call
+# kernel_*.
 _DEPTHWISE_KEYS = {"depthwise_initializer": "kernel_initializer",
                    "depthwise_regularizer": "kernel_regularizer",
                    "depthwise_constraint": "kernel_constraint"}
@@ -72,25 +82,33 @@ _NATIVE_NAMES = {"out_channels": "filters", "stride": "strides", "dilation": "di
                  "bias": "use_bias"}
 
 
-def _keras_spec(filters: Any, kernel_size: Any, strides: Any, padding: Any, data_format: Any,
-                dilation_rate: Any, groups: Any, use_bias: Any, D_mul: Any
+def _or_words(words: tuple[str, ...]) -> str:
+    """'a' or 'b'; 'a', 'b' or 'c'."""
+    quoted = [repr(word) for word in words]
+    return " or ".join([", ".join(quoted[:-1]), quoted[-1]]) if len(quoted) > 1 else quoted[0]
+
+
+def _keras_spec(rank: int, filters: Any, kernel_size: Any, strides: Any, padding: Any,
+                data_format: Any, dilation_rate: Any, groups: Any, use_bias: Any, D_mul: Any
                 ) -> tuple[ConvSpec, str]:
-    """Validate Keras' Conv2D arguments through the core's ConvSpec (in_channels deferred)."""
-    if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+    """Validate Keras' Conv{rank}D arguments through the core's ConvSpec (in_channels
+    deferred)."""
+    strings = padding_strings(rank)
+    if not isinstance(padding, str) or padding.lower() not in strings:
         raise ValueError(
-            "padding must be 'valid' or 'same' (Keras' Conv2D has no explicit padding), "
-            f"got {padding!r}")
+            f"padding must be {_or_words(strings)} (Keras' Conv{rank}D has no explicit "
+            f"padding), got {padding!r}")
     if data_format is None:
         data_format = keras.backend.image_data_format()
     if data_format not in ("channels_last", "channels_first"):
         raise ValueError("data_format must be 'channels_last', 'channels_first' or None, "
                          f"got {data_format!r}")
     spec = native_spec(_NATIVE_NAMES, None, filters, kernel_size, strides, padding.lower(),
-                       dilation_rate, groups, bias=use_bias, D_mul=D_mul)
+                       dilation_rate, groups, bias=use_bias, D_mul=D_mul, rank=rank)
     if max(spec.stride) > 1 and max(spec.dilation) > 1:
-        # Keras' Conv2D refuses this too (TensorFlow's convolution cannot do it).
-        raise ValueError("strides > 1 together with dilation_rate > 1 is not supported by "
-                         f"Keras' Conv2D, got strides={spec.stride} and "
+        # Keras' Conv layers refuse this too (TensorFlow's convolution cannot do it).
+        raise ValueError(f"strides > 1 together with dilation_rate > 1 is not supported by "
+                         f"Keras' Conv{rank}D, got strides={spec.stride} and "
                          f"dilation_rate={spec.dilation}")
     return spec, data_format
 
@@ -117,11 +135,12 @@ def _has_gpu() -> bool:
 
 
 def _channels_last_at_edge(data_format: str) -> bool:
-    """Whether a channels_first layer runs its conv in NHWC between two transposes.
+    """Whether a channels_first layer runs its conv channels-last between two transposes.
 
-    TensorFlow's CPU Conv2D and depthwise kernels refuse NCHW unless oneDNN is on, and with
-    it on they still refuse float64; NHWC between transposes runs everywhere. GPUs and the
-    other backends take NCHW natively.
+    TensorFlow's CPU conv and depthwise kernels refuse channels-first data (NCW, NCHW)
+    unless oneDNN is on, and with it on they still refuse float64; Keras runs a
+    channels-first Conv3D through XLA. Channels-last between transposes runs everywhere, on
+    the native kernels. GPUs and the other backends take channels-first data natively.
     """
     return (data_format == "channels_first" and keras.backend.backend() == "tensorflow"
             and not _has_gpu())
@@ -146,18 +165,29 @@ def _concrete(*tensors: Any) -> bool:
     return not any(isinstance(t, jax.core.Tracer) for t in tensors)
 
 
-@keras.saving.register_keras_serializable(package="doconv")
-class DOConv2D(keras.layers.Layer):
-    """Depthwise over-parameterized Conv2D: Keras' Conv2D arguments plus keyword ``D_mul``."""
+def _splits_groups(rank: int, groups: int) -> bool:
+    """Whether a grouped layer runs one conv per group (concatenating their outputs): a 3-D
+    one on TensorFlow without a GPU, where Keras runs grouped convs through XLA and the
+    native 3-D kernel run per group is much faster (docs/design.md). 1-D and 2-D grouped
+    layers run as Keras' own do (their depthwise ones on the native depthwise kernel)."""
+    return (rank == 3 and groups > 1 and keras.backend.backend() == "tensorflow"
+            and not _has_gpu())
+
+
+class _DOConv(keras.layers.Layer):
+    """A DO-Conv layer with ``rank`` spatial axes: Keras' Conv{rank}D arguments plus keyword
+    ``D_mul``. Subclasses set ``rank``; see the module notes."""
+
+    rank = 0  # spatial axes: 1, 2 or 3 in the subclasses
 
     def __init__(
         self,
         filters: int,
-        kernel_size: int | tuple[int, int],
-        strides: int | tuple[int, int] = (1, 1),
+        kernel_size: int | tuple[int, ...],
+        strides: int | tuple[int, ...] = 1,
         padding: str = "valid",
         data_format: str | None = None,
-        dilation_rate: int | tuple[int, int] = (1, 1),
+        dilation_rate: int | tuple[int, ...] = 1,
         groups: int = 1,
         activation: Any = None,
         use_bias: bool = True,
@@ -173,8 +203,8 @@ class DOConv2D(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         # Validate everything before any state exists.
-        spec, data_format = _keras_spec(filters, kernel_size, strides, padding, data_format,
-                                        dilation_rate, groups, use_bias, D_mul)
+        spec, data_format = _keras_spec(self.rank, filters, kernel_size, strides, padding,
+                                        data_format, dilation_rate, groups, use_bias, D_mul)
         resolved = {
             "activation": activations.get(activation),
             "kernel_initializer": initializers.get(kernel_initializer),
@@ -197,7 +227,7 @@ class DOConv2D(keras.layers.Layer):
         self.D_mul = spec.D_mul
         for name, value in resolved.items():
             setattr(self, name, value)
-        self.input_spec = keras.layers.InputSpec(ndim=4)
+        self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2)
         self._cache = _KernelCache()
         self.W = self.D = self.bias = None
 
@@ -207,12 +237,26 @@ class DOConv2D(keras.layers.Layer):
         """The core's ConvSpec (in_channels is None until the layer is built)."""
         return self._spec
 
+    @classmethod
+    def _conv_class(cls) -> type[keras.layers.Layer]:
+        """Keras' own conv layer of this rank: Conv1D, Conv2D or Conv3D."""
+        return getattr(keras.layers, f"Conv{cls.rank}D")
+
     def _channel_axis(self) -> int:
         return -1 if self.data_format == "channels_last" else 1
 
+    def _input_shape(self, channels: int | None) -> tuple:
+        """An input shape of unknown batch and spatial sizes, in this layer's data format."""
+        spatial = (None,) * self.rank
+        if self.data_format == "channels_last":
+            return (None, *spatial, channels)
+        return (None, channels, *spatial)
+
     def build(self, input_shape: tuple) -> None:
-        if len(input_shape) != 4:
-            raise ValueError(f"DOConv2D expects 4-D inputs (batch, ...), got shape {input_shape}")
+        ndim = self.rank + 2
+        if len(input_shape) != ndim:
+            raise ValueError(f"DOConv{self.rank}D expects {ndim}-D inputs (batch, ...), got "
+                             f"shape {input_shape}")
         channels = input_shape[self._channel_axis()]
         if channels is None:
             raise ValueError(f"the input's channel dimension must be known, got shape "
@@ -220,9 +264,11 @@ class DOConv2D(keras.layers.Layer):
         spec = self._spec.with_in_channels(int(channels))  # ValueError on bad groups
         self._spec = spec
         # Only ndim: the channels are checked by the core (_check_channels), in its words.
-        self.input_spec = keras.layers.InputSpec(ndim=4)
+        self.input_spec = keras.layers.InputSpec(ndim=ndim)
         self._conv_format = "channels_last" if _channels_last_at_edge(self.data_format) \
             else self.data_format
+        self._split_groups = (self._depthwise_multiplier() is None
+                              and _splits_groups(self.rank, spec.groups))
         self._d_diag = doconv_core.identity_d(spec.in_channels, spec.mn, spec.D_mul,
                                               np.float64) if spec.has_D else None
         self.W = self.add_weight(
@@ -239,24 +285,26 @@ class DOConv2D(keras.layers.Layer):
                 trainable=True, autocast=False)
 
     def _initialize_W(self, shape: tuple, dtype: Any = None) -> Any:
-        M, N = self.kernel_size
-        kernel_shape = (M, N, shape[1], shape[2])
+        mn = math.prod(self.kernel_size)
+        kernel_shape = (*self.kernel_size, shape[1], shape[2])
         blocks = [ops.reshape(self.kernel_initializer(kernel_shape, dtype=dtype),
-                              (M * N, shape[1], shape[2]))
-                  for _ in range(math.ceil(shape[0] / (M * N)))]
+                              (mn, shape[1], shape[2]))
+                  for _ in range(math.ceil(shape[0] / mn))]
         stacked = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks, axis=0)
         return stacked[: shape[0]]
 
     # -- composition -----------------------------------------------------------
     def _compose(self, W: Any, D: Any) -> Any:
-        """The HWIO kernel from Keras-layout W and canonical D: one batched matmul.
+        """The kernel (*kernel_size, C_in/g, filters) from Keras-layout W and canonical D:
+        one batched matmul.
 
         In keras.ops, not doconv_core.compose_kernel (NumPy): it runs traced and is
         differentiated."""
         spec = self._spec
-        (M, N), g = spec.kernel_size, spec.groups
+        g = spec.groups
+        kernel_shape = (*spec.kernel_size, spec.in_per_group, spec.out_channels)
         if D is None:
-            return ops.reshape(W, (M, N, spec.in_per_group, spec.out_channels))
+            return ops.reshape(W, kernel_shape)
         dtype = keras.backend.standardize_dtype(W.dtype)
         D_total = ops.add(D, ops.convert_to_tensor(self._d_diag, dtype=dtype))
         Wg = ops.reshape(W, (spec.D_mul, spec.in_per_group, g, spec.out_per_group))
@@ -272,7 +320,7 @@ class DOConv2D(keras.layers.Layer):
         else:
             K = ops.matmul(Dg, Wt)  # (g, I_g, MN, O_g)
         K = ops.transpose(K, (2, 1, 0, 3))  # (MN, I_g, g, O_g)
-        return ops.reshape(K, (M, N, spec.in_per_group, spec.out_channels))
+        return ops.reshape(K, kernel_shape)
 
     def _composed_kernel(self) -> Any:
         W = ops.convert_to_tensor(self.W)
@@ -290,25 +338,29 @@ class DOConv2D(keras.layers.Layer):
 
     def _depthwise_multiplier(self) -> int | None:
         """k when this layer runs (and fuses) as a depthwise conv, else None: groups ==
-        C_in > 1, filters == C_in * k, equal strides along height and width."""
+        C_in > 1, filters == C_in * k, and a Keras depthwise layer that computes it (see
+        the module notes)."""
         spec = self._spec
         if spec.in_channels is None or spec.groups == 1 or spec.in_per_group != 1:
-            return None  # groups == C_in == 1 is an ordinary conv: it stays a Conv2D
-        if spec.stride[0] != spec.stride[1]:
+            return None  # groups == C_in == 1 is an ordinary conv: it stays a Conv layer
+        if self.rank == 3 or spec.padding == "causal":
+            return None  # no DepthwiseConv3D; DepthwiseConv1D has no causal padding
+        if len(set(spec.stride)) > 1:
             # TensorFlow's depthwise kernel (so DepthwiseConv2D) refuses unequal strides.
             return None
         return spec.out_per_group
 
     def _depthwise_kernel(self, kernel: Any) -> Any:
-        """The HWIO kernel (M, N, 1, C_in * k) in DepthwiseConv2D's layout (M, N, C_in, k)."""
+        """The grouped kernel (*kernel_size, 1, C_in * k) in the depthwise layout
+        (*kernel_size, C_in, k)."""
         # Grouped output o = c * k + q belongs to group (input channel) o // k = c, and a
         # depthwise output c * k + q reads kernel[..., c, q]: a row-major reshape, no transpose.
-        M, N = self.kernel_size
-        return ops.reshape(kernel, (M, N, self._spec.in_channels, self._depthwise_multiplier()))
+        return ops.reshape(kernel, (*self.kernel_size, self._spec.in_channels,
+                                    self._depthwise_multiplier()))
 
     @property
     def kernel(self) -> Any:
-        """The composed kernel in Keras' HWIO layout (filter_h, filter_w, C_in/g, filters)."""
+        """The composed kernel in Keras' layout (*kernel_size, C_in/g, filters): HWIO in 2-D."""
         if not self.built:
             raise AttributeError("You must build the layer before accessing `kernel`.")
         return self._composed_kernel()
@@ -319,46 +371,66 @@ class DOConv2D(keras.layers.Layer):
         if self.built and channels is not None:
             self._spec.check_input_channels(int(channels))
 
+    def _conv(self, inputs: Any, kernel: Any) -> Any:
+        """The convolution proper, in ``self._conv_format``."""
+        padding = self.padding
+        if padding == "causal":
+            # As Keras' Conv1D: (k - 1) * d zeros before the sequence, then a 'valid' conv.
+            (before, after), = self._spec.fixed_padding()
+            spatial = 1 if self._conv_format == "channels_last" else 2
+            pads = [[0, 0], [0, 0], [0, 0]]
+            pads[spatial] = [before, after]
+            inputs = ops.pad(inputs, pads)
+            padding = "valid"
+        settings = dict(strides=self.strides, padding=padding,
+                        dilation_rate=self.dilation_rate, data_format=self._conv_format)
+        if self._depthwise_multiplier() is not None:
+            # See the module notes: TensorFlow's grouped conv is much slower on CPU.
+            return ops.depthwise_conv(inputs, self._depthwise_kernel(kernel), **settings)
+        settings["strides"] = list(self.strides)
+        if not self._split_groups:
+            return ops.conv(inputs, kernel, **settings)
+        # One conv per group (channels_last here: _splits_groups implies the transposes):
+        # group j reads input channels [j*I_g, (j+1)*I_g) and writes outputs
+        # [j*O_g, (j+1)*O_g), the kernel's output axis in the same order.
+        parts = zip(ops.split(inputs, self.groups, axis=-1),
+                    ops.split(kernel, self.groups, axis=-1))
+        return ops.concatenate([ops.conv(x, k, **settings) for x, k in parts], axis=-1)
+
     def call(self, inputs: Any, training: Any = None) -> Any:
         self._check_channels(inputs.shape)
         dtype = self.compute_dtype
         if keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
             inputs = ops.cast(inputs, dtype)
         kernel = ops.cast(self._composed_kernel(), dtype)
+        rank = self.rank
         transposed = self._conv_format != self.data_format
         if transposed:
-            inputs = ops.transpose(inputs, (0, 2, 3, 1))
-        if self._depthwise_multiplier() is not None:
-            # See the module notes: TensorFlow's grouped conv is much slower on CPU.
-            outputs = ops.depthwise_conv(
-                inputs, self._depthwise_kernel(kernel), strides=self.strides,
-                padding=self.padding, dilation_rate=self.dilation_rate,
-                data_format=self._conv_format)
-        else:
-            outputs = ops.conv(inputs, kernel, strides=list(self.strides), padding=self.padding,
-                               dilation_rate=self.dilation_rate, data_format=self._conv_format)
+            inputs = ops.transpose(inputs, (0, *range(2, rank + 2), 1))
+        outputs = self._conv(inputs, kernel)
         if self.use_bias:
             bias = ops.cast(self.bias, dtype)
             if self._conv_format == "channels_last":
-                outputs = ops.add(outputs, ops.reshape(bias, (1, 1, 1, self.filters)))
+                outputs = ops.add(outputs, ops.reshape(bias, (1,) * (rank + 1) + (self.filters,)))
             else:
                 # Bias first: x first trips a TensorFlow ops.add bug (test_api.KERAS_BIAS_BUG).
-                outputs = ops.add(ops.reshape(bias, (1, self.filters, 1, 1)), outputs)
+                outputs = ops.add(ops.reshape(bias, (1, self.filters) + (1,) * rank), outputs)
         if transposed:
-            outputs = ops.transpose(outputs, (0, 3, 1, 2))
+            outputs = ops.transpose(outputs, (0, rank + 1, *range(1, rank + 1)))
         if self.activation is not None:
             return self.activation(outputs)
         return outputs
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         self._check_channels(input_shape)  # symbolic calls come here, not to call()
+        rank = self.rank
         channels_last = self.data_format == "channels_last"
-        spatial = input_shape[1:3] if channels_last else input_shape[2:4]
-        height, width = self._spec.output_size(spatial)
+        spatial = input_shape[1:rank + 1] if channels_last else input_shape[2:rank + 2]
+        sizes = self._spec.output_size(spatial)
         batch = input_shape[0]
         if channels_last:
-            return (batch, height, width, self.filters)
-        return (batch, self.filters, height, width)
+            return (batch, *sizes, self.filters)
+        return (batch, self.filters, *sizes)
 
     # -- serialisation -----------------------------------------------------------
     def get_config(self) -> dict:
@@ -412,11 +484,17 @@ class DOConv2D(keras.layers.Layer):
             self.bias.assign(np.asarray(params.bias, dtype=self.bias.dtype))
 
     @classmethod
-    def from_params(cls, params: DOConvParams, **kwargs: Any) -> "DOConv2D":
-        """A built DOConv2D holding ``params``; kwargs are the other Conv2D arguments."""
+    def from_params(cls, params: DOConvParams, **kwargs: Any) -> "_DOConv":
+        """A built layer holding ``params`` (whose spec must have this class's rank); kwargs
+        are the other arguments of Keras' Conv layer (data_format, activation, name, ...)."""
         if not isinstance(params, DOConvParams):
             raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
         spec = params.spec
+        if spec.rank != cls.rank:
+            raise ValueError(
+                f"params.spec describes a {spec.rank}-D layer (rank {spec.rank}); "
+                f"DOConv{cls.rank}D.from_params takes rank {cls.rank}: use "
+                f"DOConv{spec.rank}D.from_params")
         fixed = {"filters", "kernel_size", "strides", "padding", "dilation_rate", "groups",
                  "use_bias", "D_mul"}
         clash = sorted(fixed & set(kwargs))
@@ -427,52 +505,78 @@ class DOConv2D(keras.layers.Layer):
                              f"'zeros', got {spec.padding_mode!r}")
         padding = spec.string_padding()
         if padding is None:
+            strings = ", ".join(repr(p) for p in padding_strings(cls.rank))
             raise ValueError(
-                "params.spec.padding must be 'valid', 'same' or explicit padding that equals "
-                "one of them (Keras' Conv2D has no other padding), got "
+                f"params.spec.padding must be {strings} or explicit padding that equals "
+                f"one of them (Keras' Conv{cls.rank}D has no other padding), got "
                 f"{spec.padding!r} with kernel_size={spec.kernel_size}, stride={spec.stride} "
                 f"and dilation={spec.dilation}")
         layer = cls(spec.out_channels, spec.kernel_size, spec.stride, padding,
                     dilation_rate=spec.dilation, groups=spec.groups, use_bias=spec.bias,
                     D_mul=spec.D_mul, **kwargs)
-        shape = (None, None, None, spec.in_channels) \
-            if layer.data_format == "channels_last" else (None, spec.in_channels, None, None)
-        layer.build(shape)
+        layer.build(layer._input_shape(spec.in_channels))
         layer.set_params(params)
         return layer
 
     def _fused_config(self) -> tuple[type[keras.layers.Layer], dict]:
         """The plain Keras layer class computing this (built) layer's function, and its
-        config: DepthwiseConv2D for a depthwise layer, Conv2D otherwise."""
+        config: DepthwiseConv1D/2D for a depthwise layer (see ``_depthwise_multiplier``),
+        Conv1D/2D/3D otherwise."""
         self._require_built("fuse")
         config = self.get_config()
         config.pop("D_mul")
         multiplier = self._depthwise_multiplier()
         if multiplier is None:
-            return keras.layers.Conv2D, config
+            return self._conv_class(), config
         del config["filters"], config["groups"]
         config["depth_multiplier"] = multiplier
         # kernel_* applied to W here; on the fused layer they apply to its (only) kernel.
         config.update({new: config.pop(old) for new, old in _DEPTHWISE_KEYS.items()})
-        return keras.layers.DepthwiseConv2D, config
+        return getattr(keras.layers, f"DepthwiseConv{self.rank}D"), config
 
     def _fused_weights(self) -> list[np.ndarray]:
         """The weights of the layer ``_fused_config`` describes: composed kernel, bias.
 
         The kernel ``call`` uses (not the core's float64 composition), so the fused layer
-        computes bit for bit what this layer computes."""
+        computes what this layer computes (bit for bit where both run the same op)."""
         kernel = self._composed_kernel()
         if self._depthwise_multiplier() is not None:
             kernel = self._depthwise_kernel(kernel)
         return [_to_numpy(kernel)] + ([_to_numpy(self.bias)] if self.use_bias else [])
 
-    def fuse(self) -> keras.layers.Conv2D | keras.layers.DepthwiseConv2D:
-        """A built Conv2D (a DepthwiseConv2D for a depthwise layer) computing this layer's
-        function with the composed kernel."""
+    def fuse(self) -> keras.layers.Layer:
+        """A built Keras layer computing this layer's function with the composed kernel:
+        Conv1D/Conv2D/Conv3D, or DepthwiseConv1D/DepthwiseConv2D for a depthwise layer
+        Keras has a depthwise layer for."""
         cls, config = self._fused_config()
         conv = cls.from_config(config)
-        shape = (None, None, None, self._spec.in_channels) \
-            if self.data_format == "channels_last" else (None, self._spec.in_channels, None, None)
-        conv.build(shape)
+        conv.build(self._input_shape(self._spec.in_channels))
         conv.set_weights(self._fused_weights())
         return conv
+
+
+@keras.saving.register_keras_serializable(package="doconv")
+class DOConv1D(_DOConv):
+    """Depthwise over-parameterized Conv1D: Keras' Conv1D arguments (padding 'causal'
+    included) plus keyword ``D_mul``; ``fuse()`` gives a Conv1D (a DepthwiseConv1D for a
+    depthwise layer without causal padding)."""
+
+    rank = 1
+
+
+@keras.saving.register_keras_serializable(package="doconv")
+class DOConv2D(_DOConv):
+    """Depthwise over-parameterized Conv2D: Keras' Conv2D arguments plus keyword ``D_mul``;
+    ``fuse()`` gives a Conv2D (a DepthwiseConv2D for a depthwise layer with equal
+    strides)."""
+
+    rank = 2
+
+
+@keras.saving.register_keras_serializable(package="doconv")
+class DOConv3D(_DOConv):
+    """Depthwise over-parameterized Conv3D: Keras' Conv3D arguments plus keyword ``D_mul``;
+    ``fuse()`` gives a Conv3D (a grouped one for a depthwise layer: Keras has no
+    DepthwiseConv3D)."""
+
+    rank = 3

@@ -349,6 +349,11 @@ def keras_rows(files: Files) -> Iterator[Row]:
     yield Row("DOConv2D(8, 3, D_mul=4)", "D_mul", lambda: DOConv2D(8, 3, D_mul=4))
     yield Row("DOConv2D(8, 3, groups=3)", "groups", lambda: DOConv2D(8, 3, groups=3))
     yield Row("DOConv2D(8, (3, 3, 3))", "kernel_size", lambda: DOConv2D(8, (3, 3, 3)))
+    yield Row("DOConv3D(8, 3, padding='causal')", "padding",
+              lambda: doconv_tf.DOConv3D(8, 3, padding="causal"))
+    yield Row("DOConv1D(8, 3, D_mul=2)", "D_mul", lambda: doconv_tf.DOConv1D(8, 3, D_mul=2))
+    yield Row("DOConv1D.from_params(params of a 2-D layer)", "rank",
+              lambda: doconv_tf.DOConv1D.from_params(other_params))
     yield Row("layer(x with 3 channels), built for 4", "channels",
               lambda: layer(np.zeros((1, 8, 8, 3), np.float32)), state(layer))
     yield Row("layer(x of shape (8, 8, 4))", "ndim",
@@ -440,6 +445,8 @@ def gluon_rows(files: Files) -> Iterator[Row]:
     parent.hybridize()
     layer = DOConv2D(8, 3, in_channels=4)
     layer.initialize()
+    layer_3d = doconv_mx.DOConv3D(8, 3, in_channels=4)
+    layer_3d.initialize()
     fresh = DOConv2D(8, 3, in_channels=4)
     model, uninitialized = net(), net(initialize=False)
     plain = nn.HybridSequential()
@@ -463,6 +470,12 @@ def gluon_rows(files: Files) -> Iterator[Row]:
     yield Row("DOConv2D(8, 3, D_mul=3)", "D_mul", lambda: DOConv2D(8, 3, D_mul=3))
     yield Row("DOConv2D(8, 3, groups=3)", "groups", lambda: DOConv2D(8, 3, groups=3))
     yield Row("DOConv2D(8, 3, strides=0)", "strides", lambda: DOConv2D(8, 3, strides=0))
+    yield Row("DOConv1D(8, 3, padding='causal')", "padding",
+              lambda: doconv_mx.DOConv1D(8, 3, padding="causal"))
+    yield Row("DOConv3D(8, 3, layout='NDHWC')", "layout",
+              lambda: doconv_mx.DOConv3D(8, 3, layout="NDHWC"))
+    yield Row("DOConv3D(8, 3, in_channels=4)(x of shape (1, 4, 8, 8))", "5-D",
+              lambda: layer_3d(mx.nd.zeros((1, 4, 8, 8))), state(layer_3d))
     yield Row("deferred_layer(x of shape (4, 8, 8))", "4-D",
               lambda: deferred(x3), state(deferred))
     yield Row("hybridized_parent(x of shape (4, 8, 8))", "4D",

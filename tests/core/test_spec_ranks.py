@@ -73,9 +73,9 @@ def test_rejects_bad_ranks(rank, message):
     (1, dict(padding=(1, 1)), r"padding must be 'valid', 'same', 'causal', an integer >= 0 or "
                               r"a sequence of one of them, got \(1, 1\)"),
     (1, dict(padding="full"), r"padding must be 'valid', 'same', 'causal', .* got 'full'"),
-    (1, dict(D_mul=2), r"D_mul must be >= kernel size = 3 for a 3 kernel, got 2"),
+    (1, dict(D_mul=2), r"D_mul must be >= kernel length = 3, got 2"),
     (1, dict(kernel_size=1, D_mul=2),
-     r"D_mul must be 1 or None for a 1 kernel \(it has no depthwise part\), got 2"),
+     r"D_mul must be 1 or None for a length-1 kernel \(it has no depthwise part\), got 2"),
     # Three spatial axes.
     (3, dict(kernel_size=(3, 3)), r"kernel_size must be an integer >= 1 or a triple of them, "
                                   r"got 2 values: \(3, 3\)"),

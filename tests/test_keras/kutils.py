@@ -25,12 +25,21 @@ def float64():
 
 
 def to_keras(x_nchw: np.ndarray, data_format: str) -> np.ndarray:
-    return np.transpose(x_nchw, (0, 2, 3, 1)) if data_format == "channels_last" else x_nchw
+    """Channels-first data (N, C, *spatial), any rank, in ``data_format``."""
+    return np.moveaxis(x_nchw, 1, -1) if data_format == "channels_last" else x_nchw
 
 
 def to_nchw(y: np.ndarray, data_format: str) -> np.ndarray:
+    """Data in ``data_format``, any rank, channels first (N, C, *spatial)."""
     y = np.asarray(y)
-    return np.transpose(y, (0, 3, 1, 2)) if data_format == "channels_last" else y
+    return np.moveaxis(y, -1, 1) if data_format == "channels_last" else y
+
+
+def layer_class(rank: int) -> type:
+    """doconv_tf's layer class for ``rank`` spatial axes."""
+    import doconv_tf
+
+    return getattr(doconv_tf, f"DOConv{rank}D")
 
 
 def gradients(layer: keras.layers.Layer, x: np.ndarray, grad_y: np.ndarray,
@@ -73,58 +82,71 @@ def gradients(layer: keras.layers.Layer, x: np.ndarray, grad_y: np.ndarray,
 
 
 _PROBES = {  # Keras' conv layers, by the TensorFlow kernel they run on
-    "conv": lambda dtype: keras.layers.Conv2D(2, 1, data_format="channels_first", dtype=dtype),
-    # Keras runs a grouped conv through XLA, whose CPU kernel takes NCHW.
-    "grouped": lambda dtype: keras.layers.Conv2D(2, 1, groups=2, data_format="channels_first",
-                                                 dtype=dtype),
-    "depthwise": lambda dtype: keras.layers.DepthwiseConv2D(1, data_format="channels_first",
-                                                            dtype=dtype),
+    "conv": lambda dtype, rank: getattr(keras.layers, f"Conv{rank}D")(
+        2, 1, data_format="channels_first", dtype=dtype),
+    # Keras runs a grouped conv (and any channels_first Conv3D) through XLA, whose CPU kernel
+    # takes channels-first data.
+    "grouped": lambda dtype, rank: getattr(keras.layers, f"Conv{rank}D")(
+        2, 1, groups=2, data_format="channels_first", dtype=dtype),
+    "depthwise": lambda dtype, rank: getattr(keras.layers, f"DepthwiseConv{rank}D")(
+        1, data_format="channels_first", dtype=dtype),
 }
 
 
 def keras_layer_kind(spec) -> str:
-    """The kind of Keras layer a DOConv2D with this ConvSpec fuses into."""
+    """The kind of Keras layer a DO-Conv layer with this ConvSpec fuses into: a depthwise
+    layer where Keras has one that computes it (1-D without causal padding, 2-D with equal
+    strides; no 3-D one)."""
     if spec.groups == 1:
         return "conv"
-    if spec.groups == spec.in_channels and spec.stride[0] == spec.stride[1]:
+    if spec.groups == spec.in_channels and (
+            (spec.rank == 1 and spec.padding != "causal")
+            or (spec.rank == 2 and spec.stride[0] == spec.stride[1])):
         return "depthwise"
     return "grouped"
 
 
-@functools.cache
-def keras_runs_channels_first(kind: str = "conv", dtype: str = "float32") -> bool:
-    """Whether Keras' own channels_first layer of this kind runs here in ``dtype``.
+def fused_class(spec) -> type:
+    """The Keras layer class a DO-Conv layer with this (complete) ConvSpec fuses into."""
+    name = "DepthwiseConv" if keras_layer_kind(spec) == "depthwise" else "Conv"
+    return getattr(keras.layers, f"{name}{spec.rank}D")
 
-    TensorFlow's CPU Conv2D and depthwise kernels refuse NCHW unless oneDNN is on
+
+@functools.cache
+def keras_runs_channels_first(kind: str = "conv", dtype: str = "float32", rank: int = 2) -> bool:
+    """Whether Keras' own channels_first layer of this kind and rank runs here in ``dtype``.
+
+    TensorFlow's CPU Conv1D/Conv2D and depthwise kernels refuse NCW/NCHW unless oneDNN is on
     (TF_ENABLE_ONEDNN_OPTS; on by default only on CPUs with AVX-512 VNNI, AVX-VNNI or AMX), and
-    refuse float64 NCHW even then. DOConv2D transposes at its edge instead; a fused layer is
-    Keras' own and cannot.
+    refuse float64 even then. DO-Conv layers transpose at their edge instead; a fused layer
+    is Keras' own and cannot.
     """
     if BACKEND != "tensorflow":
         return True
     import tensorflow as tf
 
     try:
-        _PROBES[kind](dtype)(np.zeros((1, 2, 1, 1), dtype))
+        _PROBES[kind](dtype, rank)(np.zeros((1, 2) + (1,) * rank, dtype))
     except tf.errors.UnimplementedError:
         return False
     return True
 
 
 def expect_channels_first_refusal(request: pytest.FixtureRequest, data_format: str,
-                                  kind: str = "conv", dtype: str = "float32") -> bool:
+                                  kind: str = "conv", dtype: str = "float32",
+                                  rank: int = 2) -> bool:
     """Where Keras' own channels_first layer of this kind cannot run, mark the calling test a
     strict expected failure that only TensorFlow's NCHW refusal satisfies, and return True.
 
     The test still runs everything before its first call of such a layer, so whatever doconv
     computes itself is checked first; tests call the Keras layers last.
     """
-    if data_format != "channels_first" or keras_runs_channels_first(kind, dtype):
+    if data_format != "channels_first" or keras_runs_channels_first(kind, dtype, rank):
         return False
     import tensorflow as tf
 
     request.applymarker(pytest.mark.xfail(
         strict=True, raises=tf.errors.UnimplementedError,
-        reason=f"TensorFlow's CPU kernel refuses NCHW {dtype} here (oneDNN off, or float64): "
-               f"Keras' own channels_first {kind} layer cannot run"))
+        reason=f"TensorFlow's CPU kernel refuses channels-first {dtype} here (oneDNN off, or "
+               f"float64): Keras' own channels_first {rank}-D {kind} layer cannot run"))
     return True

@@ -19,6 +19,8 @@ from doconv_tf import DOConv2D
 from doconv_tf.layer import _to_numpy
 
 RNG = np.random.default_rng(11)
+# What convert replaces, as its messages name it.
+CONVERTED = "Conv1D, Conv2D, Conv3D, DepthwiseConv1D or DepthwiseConv2D"
 
 
 def numpy(x):
@@ -143,7 +145,7 @@ def test_convert_with_nothing_selected_raises_the_core_error(include):
     # Patterns match whole names: "conv_" is no layer's, "inner" is a model, not a conv.
     model = functional()
     before, values = kinds(model), weights(model)
-    expected = str(doconv_core.nothing_to_convert(model, "Conv2D or DepthwiseConv2D", include))
+    expected = str(doconv_core.nothing_to_convert(model, CONVERTED, include))
     assert "include=" in expected
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
         doconv_tf.convert(model, include=include)
@@ -154,15 +156,15 @@ def test_convert_with_nothing_selected_raises_the_core_error(include):
 def test_convert_without_convolutions_raises_the_core_error():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match=re.escape(
-            "convert found no Conv2D or DepthwiseConv2D in Sequential; nothing would change")):
+            f"convert found no {CONVERTED} in Sequential; nothing would change")):
         doconv_tf.convert(model)
 
 
 def test_fuse_without_doconv_layers_warns_and_copies():
     model = functional()
     x = RNG.standard_normal((1, 8, 8, 4)).astype("float32")
-    message = doconv_core.nothing_to_fuse(model, "DOConv2D")
-    assert message.startswith("fuse found no DOConv2D in Functional")
+    message = doconv_core.nothing_to_fuse(model, "DOConv1D, DOConv2D or DOConv3D")
+    assert message.startswith("fuse found no DOConv1D, DOConv2D or DOConv3D in Functional")
     with pytest.warns(UserWarning, match=f"^{re.escape(message)}$"):
         fused = doconv_tf.fuse(model)
     assert fused is not model
@@ -258,5 +260,5 @@ def test_doconv_layers_refuses_two_layers_of_one_name():
                                  name=f"branch{index}")(inputs) for index in range(2)]
     model = keras.Model(inputs, keras.layers.Add()(branches))
     with pytest.raises(ValueError, match=re.escape(
-            "two DOConv2D layers are named 'same'; layer names must be unique")):
+            "two DO-Conv layers are named 'same'; layer names must be unique")):
         doconv_tf.doconv_layers(model)

@@ -220,7 +220,7 @@ def test_export_and_import_params(tmp_path):
             "does not match the model's DO-Conv layers: missing [], unexpected ['c']")):
         doconv_tf.import_params(renamed, path)
     with pytest.raises(ValueError, match=re.escape(
-            "model has no DOConv2D layers to export (Functional)")):
+            "model has no DOConv1D, DOConv2D or DOConv3D layers to export (Functional)")):
         doconv_tf.export_params(functional(), tmp_path / "none.npz")
     # One layer through the container class.
     layer = model.get_layer("a")

@@ -18,12 +18,13 @@ from kutils import (expect_channels_first_refusal, float64, gradients, keras_lay
 
 
 def keras_reason(case) -> str | None:
-    """Why Keras cannot express a case, or None."""
+    """Why Keras cannot express a case (any rank), or None."""
     spec = case.spec
     if not isinstance(spec.padding, str):
-        return "explicit integer padding: Keras' Conv2D has only 'valid' and 'same'"
+        strings = "'valid', 'same' and 'causal'" if spec.rank == 1 else "'valid' and 'same'"
+        return f"explicit integer padding: Keras' Conv{spec.rank}D has only {strings}"
     if max(spec.stride) > 1 and max(spec.dilation) > 1:
-        return "strides > 1 with dilation_rate > 1: Keras' Conv2D refuses it"
+        return f"strides > 1 with dilation_rate > 1: Keras' Conv{spec.rank}D refuses it"
     return None
 
 

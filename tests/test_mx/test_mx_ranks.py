@@ -346,7 +346,7 @@ ERRORS = [
     (3, dict(kernel_size=3, layout="NDHWC"),
      r"layout must be 'NCDHW' \(MXNet 1.9's CPU Convolution supports no other 3-D layout\), "
      r"got 'NDHWC'"),
-    (1, dict(kernel_size=5, D_mul=4), "D_mul must be >= kernel size = 5 for a 5 kernel, got 4"),
+    (1, dict(kernel_size=5, D_mul=4), "D_mul must be >= kernel length = 5, got 4"),
     (3, dict(kernel_size=(3, 1, 2), D_mul=5),
      "D_mul must be >= kernel volume = 6 for a 3x1x2 kernel, got 5"),
     (3, dict(kernel_size=1, D_mul=2), "D_mul must be 1 or None for a 1x1x1 kernel"),

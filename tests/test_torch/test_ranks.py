@@ -187,8 +187,8 @@ BAD_ARGUMENTS = [
     (DOConv3d, dict(kernel_size=(3, 3)), "kernel_size must be an integer >= 1 or a triple of "
                                          "them, got 2 values: (3, 3)"),
     (DOConv3d, dict(D_mul=26), "D_mul must be >= kernel volume = 27 for a 3x3x3 kernel, got 26"),
-    (DOConv1d, dict(kernel_size=1, D_mul=2), "D_mul must be 1 or None for a 1 kernel (it has no "
-                                             "depthwise part), got 2"),
+    (DOConv1d, dict(kernel_size=1, D_mul=2),
+     "D_mul must be 1 or None for a length-1 kernel (it has no depthwise part), got 2"),
 ]
 
 
