@@ -168,6 +168,7 @@ class Row:
     max_rel: float
     ok: bool
     note: str = ""
+    rank: int = 0  # the case's spatial rank (0: a row about a whole artifact)
 
 
 def _errors(a: np.ndarray, b: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
@@ -201,7 +202,8 @@ def compare(artifacts: Sequence[Artifacts], cases: Sequence[Case] | None = None)
             if fields is None:
                 rows.append(Row(case.name, dtype, f"{art.framework}~reference", "*",
                                 float("inf"), float("inf"), False,
-                                "missing: neither computed nor listed as unsupported"))
+                                "missing: neither computed nor listed as unsupported",
+                                case.spec.rank))
                 continue
             present[art.framework] = fields
         sources = [("reference", reference)] + list(present.items())
@@ -212,23 +214,25 @@ def compare(artifacts: Sequence[Artifacts], cases: Sequence[Case] | None = None)
                     continue
                 if field not in a or field not in b:
                     rows.append(Row(case.name, dtype, f"{name_b}~{name_a}", field, float("inf"),
-                                    float("inf"), False, "field missing"))
+                                    float("inf"), False, "field missing", case.spec.rank))
                     continue
                 max_abs, max_rel = _errors(np.asarray(a[field]), np.asarray(b[field]), ref_value)
                 rows.append(Row(case.name, dtype, f"{name_b}~{name_a}", field, max_abs, max_rel,
-                                max_rel <= TOLERANCE[dtype]))
+                                max_rel <= TOLERANCE[dtype], rank=case.spec.rank))
     return rows
 
 
 def summary_table(rows: Iterable[Row]) -> str:
-    """Per framework pair and dtype: cases compared, worst relative error per field, verdict."""
+    """Per framework pair, dtype and rank: cases compared, worst relative error per field,
+    verdict."""
     rows = list(rows)
-    pairs = sorted({(r.pair, r.dtype) for r in rows if r.dtype != "*"})
-    header = ["pair", "dtype", "cases"] + [f"max rel {f}" for f in FIELDS] + ["tolerance", "ok"]
+    groups = sorted({(r.pair, r.dtype, r.rank) for r in rows if r.dtype != "*"})
+    header = (["pair", "dtype", "rank", "cases"] + [f"max rel {f}" for f in FIELDS]
+              + ["tolerance", "ok"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for pair, dtype in pairs:
-        selected = [r for r in rows if r.pair == pair and r.dtype == dtype]
-        cells = [pair, dtype, str(len({r.case for r in selected}))]
+    for pair, dtype, rank in groups:
+        selected = [r for r in rows if (r.pair, r.dtype, r.rank) == (pair, dtype, rank)]
+        cells = [pair, dtype, f"{rank}-D", str(len({r.case for r in selected}))]
         for field in FIELDS:
             values = [r.max_rel for r in selected if r.field == field]
             cells.append(f"{max(values):.1e}" if values else "n/a")

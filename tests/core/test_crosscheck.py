@@ -120,7 +120,10 @@ def test_produce_artifacts_with_a_numpy_framework(tmp_path, capsys, use_small_ca
     assert len(art.unsupported) == len(CASES) and len(art.results) == len(CASES)
     code, out = run(tmp_path, ["numpy"], capsys)
     assert code == 0, out.err
-    assert f"| numpy~reference | float32 | {len(CASES)} |" in out.out
+    by_rank = {rank: sum(c.spec.rank == rank for c in CASES) for rank in (1, 2, 3)}
+    for rank, count in by_rank.items():
+        if count:
+            assert f"| numpy~reference | float32 | {rank}-D | {count} |" in out.out
 
 
 def test_self_check_reports_failures(tmp_path, use_small_case_set):
