@@ -13,7 +13,7 @@ from naive_conv import naive_conv
 from strategies import input_shape_for, layer_specs
 
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64 throughout
-RANKS = pytest.mark.parametrize("rank", (1, 3), ids=lambda rank: f"{rank}d")
+RANKS = pytest.mark.parametrize("rank", (1, 2, 3), ids=lambda rank: f"{rank}d")
 SEED = st.integers(0, 2**32 - 1)
 
 
