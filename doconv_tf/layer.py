@@ -400,16 +400,20 @@ class _DOConv(keras.layers.Layer):
     def call(self, inputs: Any, training: Any = None) -> Any:
         self._check_channels(inputs.shape)
         dtype = self.compute_dtype
-        if keras.backend.is_float_dtype(keras.backend.standardize_dtype(inputs.dtype)):
+        input_dtype = keras.backend.standardize_dtype(inputs.dtype)
+        # Casts only where needed: an eager call pays for every op it dispatches.
+        if input_dtype != dtype and keras.backend.is_float_dtype(input_dtype):
             inputs = ops.cast(inputs, dtype)
-        kernel = ops.cast(self._composed_kernel(), dtype)
+        kernel = self._composed_kernel()
+        if keras.backend.standardize_dtype(kernel.dtype) != dtype:
+            kernel = ops.cast(kernel, dtype)
         rank = self.rank
         transposed = self._conv_format != self.data_format
         if transposed:
             inputs = ops.transpose(inputs, (0, *range(2, rank + 2), 1))
         outputs = self._conv(inputs, kernel)
         if self.use_bias:
-            bias = ops.cast(self.bias, dtype)
+            bias = self.bias if self.bias.dtype == dtype else ops.cast(self.bias, dtype)
             if self._conv_format == "channels_last":
                 outputs = ops.add(outputs, ops.reshape(bias, (1,) * (rank + 1) + (self.filters,)))
             else:

@@ -209,33 +209,24 @@ class _DOConvNd(nn.Module):
                 return self._compose()
         return self._compose()
 
-    @torch.jit.unused
-    def _cache_key(self) -> tuple:
+    @staticmethod
+    def _cache_entry(tensor: Optional[Tensor]) -> Optional[tuple]:
         # A parameter replaced, moved, cast, swapped (swap_tensors) or changed in place
-        # (optimizer steps, load_state_dict, nn.init, no_grad ops) changes one of these.
-        # Holding the storages keeps their addresses from being reused by a different
-        # tensor. The parameters are held by strong reference, not weakref: swap_tensors
-        # refuses tensors with weakrefs, and a Python reference adds no TensorImpl use.
-        key = []
-        for tensor in (self.W, self.D):
-            if tensor is None:
-                key.append(None)
-                continue
-            key.append((tensor, tensor._version, tensor.data_ptr(),
-                        tensor.untyped_storage(), tensor.device, tensor.dtype,
-                        tuple(tensor.shape), tuple(tensor.stride())))
-        return tuple(key)
+        # (optimizer steps, load_state_dict, nn.init, no_grad ops) changes its identity,
+        # version or address. The entry holds the tensor by strong reference (swap_tensors
+        # refuses tensors with weakrefs) and its storage, whose address therefore cannot be
+        # reused by another tensor while the entry lives.
+        if tensor is None:
+            return None
+        return (tensor, tensor._version, tensor.data_ptr(), tensor.untyped_storage(),
+                tensor.shape)
 
     @staticmethod
-    def _same_key(old: tuple, new: tuple) -> bool:
-        for a, b in zip(old, new):
-            if a is None or b is None:
-                if a is not b:
-                    return False
-                continue
-            if a[0] is not b[0] or a[1:3] != b[1:3] or a[4:] != b[4:]:
-                return False
-        return True
+    def _entry_holds(entry: Optional[tuple], tensor: Optional[Tensor]) -> bool:
+        if entry is None or tensor is None:
+            return entry is None and tensor is None
+        return (tensor is entry[0] and tensor._version == entry[1]
+                and tensor.data_ptr() == entry[2] and tensor.shape == entry[4])
 
     @torch.jit.unused
     def _kernel(self) -> Tensor:
@@ -244,24 +235,24 @@ class _DOConvNd(nn.Module):
             return self._compose()  # parameters are Proxies: record the operator only
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._compose_eager()  # the graph must record the composition
-        if torch.is_grad_enabled() and (
-                self.W.requires_grad or (self.D is not None and self.D.requires_grad)):
+        W, D = self.W, self.D
+        if torch.is_grad_enabled() and (W.requires_grad or (D is not None and D.requires_grad)):
             if self._cache is not None:
                 self._cache = None  # the kernel joins the autograd graph: compose afresh
             return self._compose_eager()
+        cached = self._cache
         try:
-            key = self._cache_key()
+            if cached is not None and self._entry_holds(cached[0], W) and \
+                    self._entry_holds(cached[1], D) and cached[2]._version == cached[3]:
+                return cached[2]
+            entries = (self._cache_entry(W), self._cache_entry(D))
         except RuntimeError:  # tensors without storage (functorch wrappers, ...): no cache
             return self._compose_eager()
-        cached = self._cache
-        if cached is not None and self._same_key(cached[0], key) and \
-                cached[1]._version == cached[2]:
-            return cached[1]
         # A normal tensor even under inference_mode: inference tensors have no version
         # counter (the cache could not see them mutated) and cannot join autograd later.
         with torch.inference_mode(False), torch.no_grad():
             kernel = self._compose_eager()
-        self._cache = (key, kernel, kernel._version)
+        self._cache = (entries[0], entries[1], kernel, kernel._version)
         return kernel
 
     def clear_cache(self) -> None:
@@ -303,11 +294,14 @@ class _DOConvNd(nn.Module):
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise ValueError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if input.dim() not in (self._rank + 1, self._rank + 2):
-            batched, unbatched = _INPUT_LAYOUTS[self._rank]
+        rank = self._rank
+        ndim = input.dim()
+        if ndim != rank + 2 and ndim != rank + 1:
+            batched, unbatched = _INPUT_LAYOUTS[rank]
             raise ValueError(f"input must be {batched} or {unbatched}, got shape "
                              f"{tuple(input.shape)}")
-        self._spec.check_input_channels(input.shape[-self._rank - 1])
+        if input.shape[-rank - 1] != self.in_channels:
+            self._spec.check_input_channels(input.shape[-rank - 1])
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
