@@ -29,10 +29,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.step()
 
 
-def run(rank: int, world_size: int, port: int, directory: str) -> None:
+def run(rank: int, world_size: int, directory: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    # A file store in the test's folder: no TCP port to race other processes for.
+    dist.init_process_group("gloo", init_method=(Path(directory) / "store").as_uri(),
+                            rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         directory = Path(directory)
         data = torch.load(directory / "data.pt", weights_only=True)

@@ -1,7 +1,6 @@
 """torch.compile, TorchScript (script and trace), ONNX export of the fused model, DDP."""
 
 import io
-import socket
 
 import numpy as np
 import pytest
@@ -123,12 +122,6 @@ def test_onnx_export_of_the_fused_model_has_only_standard_convs(tmp_path):
             np.testing.assert_allclose(y_onnx, model(xb).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_distributed_data_parallel_gloo_two_processes(tmp_path):
     torch.manual_seed(11)
@@ -136,8 +129,7 @@ def test_distributed_data_parallel_gloo_two_processes(tmp_path):
     x = torch.randn(8, 2, 8, 8)
     y = torch.randint(0, 3, (8,))
     torch.save({"state": model.state_dict(), "x": x, "y": y}, tmp_path / "data.pt")
-    torch.multiprocessing.spawn(ddp_worker.run, args=(2, free_port(), str(tmp_path)),
-                                nprocs=2, join=True)
+    torch.multiprocessing.spawn(ddp_worker.run, args=(2, str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert list(rank0) == list(model.state_dict())
