@@ -132,7 +132,9 @@ def prepare_legacy(weights: Mapping[str, Any], layers: Mapping[str, ConvSpec], *
     ``to_array``; with ``strict`` every layer must be there, else a layer with none of its
     arrays is skipped and reported missing. ``loads_other_keys``: whether the adapter loads
     the remaining keys natively (PyTorch's BatchNorm and the like); where it cannot, they are
-    unexpected (an error when ``strict``).
+    unexpected (an error when ``strict``). The original layers were 2-D only: arrays for a
+    1-D or 3-D layer are a CheckpointError, and so, with ``strict``, is a model holding one;
+    otherwise such layers are skipped and reported missing.
     Returns ({layer name, ROOT_NAME for "": LegacyImport}, {other key: value},
     [missing keys]).
     """
@@ -145,11 +147,33 @@ def prepare_legacy(weights: Mapping[str, Any], layers: Mapping[str, ConvSpec], *
         raise ValueError(f"strict must be True or False, got {strict!r}")
     names = _LEGACY[layout][1]
     aliases = _ALIASES.get(layout, {})
+    # The original layers were 2-D only: no legacy checkpoint holds a 1-D or 3-D layer, so
+    # arrays named for one are a mistake, and with ``strict`` so is a model holding one.
+    other_ranks = {name: spec for name, spec in layers.items() if spec.rank != 2}
+    for name, spec in other_ranks.items():
+        prefix = f"{name}." if name else ""
+        held = sorted(key for key in weights if isinstance(key, str)
+                      and key[len(prefix):] in names + tuple(aliases) and key.startswith(prefix))
+        if held:
+            raise CheckpointError(
+                f"{source} has arrays {held} for layer {name or ROOT_NAME!r}, a {spec.rank}-D "
+                "layer: the original DO-Conv layers were 2-D only, so load_legacy loads 2-D "
+                "layers only")
+    if strict and other_ranks:
+        raise CheckpointError(
+            f"{source} cannot fill the model's "
+            f"{'/'.join(sorted({f'{spec.rank}-D' for spec in other_ranks.values()}))} layers "
+            f"{sorted(name or ROOT_NAME for name in other_ranks)}: the original DO-Conv layers "
+            "were 2-D only, so load_legacy loads 2-D layers only (pass strict=False to load "
+            "those and leave the others as they are)")
     remaining = dict(weights)
     targets: dict[str, ConvSpec] = {}
     stored: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
     for name, spec in layers.items():
+        if name in other_ranks:
+            missing.append(f"{name}.{names[0]}" if name else names[0])
+            continue
         prefix = f"{name}." if name else ""
         parts = {}
         for part in names + tuple(aliases):

@@ -252,14 +252,12 @@ def load_legacy(model: gluon.Block, weights: Mapping[str, Any], *,
         raise ValueError(f"the legacy weights must be a mapping of names to arrays, got "
                          f"{type(weights).__name__}")
     layers = doconv_layers(model)
-    other = {name: layer for name, layer in layers.items() if layer.rank != 2}
-    _check_legacy_ranks(other, weights, strict)
-    specs = {name: _legacy_spec(name, layer.spec, weights) for name, layer in layers.items()
-             if name not in other}
+    # The core refuses legacy arrays for 1-D and 3-D layers (the original was 2-D only).
+    specs = {name: _legacy_spec(name, layer.spec, weights) if layer.rank == 2 else layer.spec
+             for name, layer in layers.items()}
     results, remaining, missing = doconv_core.prepare_legacy(
         weights, specs, layout="gluon-legacy", strict=strict, loads_other_keys=False,
         to_array=_as_array, source=_LEGACY_SOURCE)
-    missing += [_legacy_key(name, "weight") for name in other]
     named = _named_layers(model)
     _check_ready({name: named[name] for name in results}, _LEGACY_SOURCE)
     for name, result in results.items():
@@ -269,25 +267,6 @@ def load_legacy(model: gluon.Block, weights: Mapping[str, Any], *,
 
 def _legacy_key(name: str, part: str) -> str:
     return f"{name}.{part}" if name else part
-
-
-def _check_legacy_ranks(other: Mapping[str, DOConvND], weights: Mapping[str, Any],
-                        strict: bool) -> None:
-    """CheckpointError for 1-D and 3-D layers the legacy weights cannot fill: always when
-    the weights hold arrays for them, with ``strict`` whenever the model has them."""
-    if not other:
-        return
-    described = ", ".join(f"{name or ROOT_NAME!r} ({type(layer).__name__})"
-                          for name, layer in other.items())
-    given = [name or ROOT_NAME for name in other
-             if any(_legacy_key(name, part) in weights for part in ("weight", "D", "bias"))]
-    reason = (f"{_LEGACY_SOURCE}: the original Gluon DO-Conv layer was 2-D only, so its "
-              f"checkpoints hold no arrays for the {described} layer"
-              f"{'s' if len(other) > 1 else ''}")
-    if given:
-        raise CheckpointError(f"{reason}; it has arrays for {given}")
-    if strict is True:
-        raise CheckpointError(f"{reason} (pass strict=False to skip them)")
 
 
 def _legacy_spec(name: str, spec: ConvSpec, weights: Mapping[str, Any]) -> ConvSpec:

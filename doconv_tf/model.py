@@ -251,31 +251,13 @@ def load_legacy(model: keras.layers.Layer, weights: Mapping[str, Any], *, strict
     """
     source = "the legacy checkpoint"
     layers = doconv_layers(model)
-    planar = {name: layer for name, layer in layers.items() if layer.rank == 2}
-    others = {name: layer for name, layer in layers.items() if layer.rank != 2}
-    if not isinstance(weights, Mapping) or not isinstance(strict, bool):
-        others = {}  # the core refuses these arguments, in its words
-    for name, layer in sorted(others.items()):
-        prefix = f"{name}." if name else ""
-        held = sorted(key for key in weights if isinstance(key, str) and key.startswith(prefix)
-                      and key[len(prefix):] in ("W", "D", "bias"))
-        if held:
-            raise CheckpointError(
-                f"{source} has arrays {held} for layer {name or ROOT_NAME!r}, a "
-                f"DOConv{layer.rank}D: the original DO-Conv layer was 2-D only, so "
-                "load_legacy loads DOConv2D layers only")
-    if strict and others:
-        raise CheckpointError(
-            f"{source} cannot fill the model's layers "
-            f"{sorted(name or ROOT_NAME for name in others)}: the original DO-Conv layer was "
-            "2-D only, so load_legacy loads DOConv2D layers only (pass strict=False to load "
-            "those and leave the others as they are)")
-    named = {name or ROOT_NAME: layer for name, layer in planar.items()}
-    _check_built(named, source)
+    # Only 2-D layers take legacy arrays (the core refuses the others); they must be built.
+    _check_built({name or ROOT_NAME: layer for name, layer in layers.items()
+                  if layer.rank == 2}, source)
     results, remaining, missing = doconv_core.prepare_legacy(
-        weights, {name: layer.spec for name, layer in planar.items()}, layout="tf-legacy",
+        weights, {name: layer.spec for name, layer in layers.items()}, layout="tf-legacy",
         strict=strict, loads_other_keys=False, to_array=_legacy_array, source=source)
-    missing = sorted(missing + [f"{name}.W" if name else "W" for name in others])
+    named = {name or ROOT_NAME: layer for name, layer in layers.items()}
     for name, result in results.items():
         named[name].set_params(result.params)
     return LegacyLoadReport(results, missing, sorted(remaining))

@@ -176,8 +176,9 @@ _SOURCE = "the legacy checkpoint"
 
 def load_legacy(model: nn.Module, weights: Mapping[str, Any], *,
                 strict: bool = True) -> LegacyLoadReport:
-    """Load a state_dict saved with the paper authors' original PyTorch DOConv2d (or one of
-    the same layout for a 1-D or 3-D layer: W (C_out, C_in/groups, D_mul), D (C_in, MN, D_mul)).
+    """Load a state_dict saved with the paper authors' original PyTorch DOConv2d (a 2-D
+    layer: the arrays go to DOConv2d layers only; with ``strict`` a model holding DOConv1d or
+    DOConv3d layers is refused, otherwise those keep their values and are reported missing).
 
     ``model`` (one DO-Conv layer or a model holding them) is built with this package's layers
     and the original settings (note the original DOConv2d defaulted to bias=False and took

@@ -155,15 +155,15 @@ def test_load_legacy_loads_2d_layers_and_refuses_other_ranks():
     model = legacy_model()
     before = [numpy(w) for w in model.weights]
     with pytest.raises(CheckpointError, match=re.escape(
-            "the legacy checkpoint cannot fill the model's layers ['seq']: the original DO-Conv "
-            "layer was 2-D only, so load_legacy loads DOConv2D layers only (pass strict=False "
+            "the legacy checkpoint cannot fill the model's 1-D layers ['seq']: the original "
+            "DO-Conv layers were 2-D only, so load_legacy loads 2-D layers only (pass strict=False "
             "to load those and leave the others as they are)")):
         doconv_tf.load_legacy(model, legacy_weights())
     weights = dict(legacy_weights(), **{"seq.W": np.zeros((3, 4, 2))})
     for strict in (True, False):
         with pytest.raises(CheckpointError, match=re.escape(
-                "the legacy checkpoint has arrays ['seq.W'] for layer 'seq', a DOConv1D: the "
-                "original DO-Conv layer was 2-D only, so load_legacy loads DOConv2D layers only")):
+                "the legacy checkpoint has arrays ['seq.W'] for layer 'seq', a 1-D layer: the "
+                "original DO-Conv layers were 2-D only, so load_legacy loads 2-D layers only")):
             doconv_tf.load_legacy(model, weights, strict=strict)
     assert all(np.array_equal(numpy(w), b) for w, b in zip(model.weights, before))
     report = doconv_tf.load_legacy(model, legacy_weights(), strict=False)
@@ -178,7 +178,7 @@ def test_load_legacy_into_a_model_that_is_a_3d_layer():
     layer = DOConv3D(2, 3, name="vol")
     layer.build((None, 4, 4, 4, 2))
     with pytest.raises(CheckpointError, match=re.escape(
-            "the legacy checkpoint has arrays ['D', 'W'] for layer 'layer', a DOConv3D")):
+            "the legacy checkpoint has arrays ['D', 'W'] for layer 'layer', a 3-D layer")):
         doconv_tf.load_legacy(layer, {"W": np.zeros((27, 2, 2)), "D": np.zeros((27, 27, 2))})
     report = doconv_tf.load_legacy(layer, {}, strict=False)
     assert report.layers == {} and report.missing_keys == ["W"]

@@ -363,11 +363,10 @@ def test_bad_arguments_raise_clear_errors(rank, kwargs, message):
 def test_load_legacy_is_two_dimensional_only():
     for layer in (DOConv1D(4, 3, in_channels=2), DOConv3D(4, 3, in_channels=2)):
         layer.initialize()
-        name = type(layer).__name__
         with pytest.raises(doconv_core.CheckpointError, match=re.escape(
-                "the legacy checkpoint: the original Gluon DO-Conv layer was 2-D only, so its "
-                f"checkpoints hold no arrays for the 'layer' ({name}) layer; it has arrays for "
-                "['layer']")):
+                "the legacy checkpoint has arrays ['weight'] for layer 'layer', a "
+                f"{layer.rank}-D layer: the original DO-Conv layers were 2-D only, so "
+                "load_legacy loads 2-D layers only")):
             doconv_mx.load_legacy(layer, {"weight": np.zeros((4, 2) + (3,) * layer.rank)})
     net = nn.HybridSequential()
     net.add(DOConv2D(4, 3, padding=1, in_channels=3), DOConv1D(4, 3, in_channels=4),
@@ -378,10 +377,11 @@ def test_load_legacy_is_two_dimensional_only():
     legacy = {"0.weight": rng.standard_normal((4, 3, 3, 3)),
               "0.D": rng.standard_normal((9, 9, 3)), "0.bias": rng.standard_normal(4)}
     with pytest.raises(doconv_core.CheckpointError, match=re.escape(
-            "no arrays for the '1' (DOConv1D), '2' (DOConv3D) layers (pass strict=False to "
-            "skip them)")):
+            "cannot fill the model's 1-D/3-D layers ['1', '2']: the original DO-Conv layers "
+            "were 2-D only, so load_legacy loads 2-D layers only (pass strict=False")):
         doconv_mx.load_legacy(net, legacy)
-    with pytest.raises(doconv_core.CheckpointError, match=re.escape("it has arrays for ['2']")):
+    with pytest.raises(doconv_core.CheckpointError, match=re.escape(
+            "has arrays ['2.bias'] for layer '2', a 3-D layer")):
         doconv_mx.load_legacy(net, dict(legacy, **{"2.bias": np.zeros(2)}), strict=False)
     for param, value in zip(net.collect_params().values(), before):
         np.testing.assert_array_equal(param.data().asnumpy(), value)  # nothing changed

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import doconv_core as dc
-from doconv_core.legacy import torch_channel_map
 from doconv_core.testing.cases import rank_cases
 from doconv_torch import (DOConv1d, DOConv2d, DOConv3d, convert, doconv_layers, export_params,
                           fuse, import_params, load_legacy)
@@ -395,26 +394,41 @@ def test_export_import_and_legacy_load_across_ranks(tmp_path):
     with torch.no_grad():
         assert torch.equal(other(*inputs), model(*inputs))
 
-    # The original authors' layout (W, D, d_diag) read for every rank: each layer's kernel is
-    # the one the original code composed (its own channel mapping in grouped layers).
+    # The original authors' layout (W, D, d_diag) is 2-D only, as in every adapter: arrays
+    # for a 1-D or 3-D layer are refused, and with strict so is a model holding one.
     legacy = {name: value.clone() for name, value in model.state_dict().items()}
     for name, layer in doconv_layers(model).items():
         if layer.D is not None:
             legacy[f"{name}.d_diag"] = torch.from_numpy(dc.identity_d(
                 layer.in_channels, layer.D.shape[1], layer.D_mul))
     fresh = convert(Mixed()).eval()
-    report = load_legacy(fresh, legacy)
-    assert report.missing_keys == [] and report.unexpected_keys == []
-    assert report.function_preserving == ["signal.3"]  # grouped, not depthwise
-    assert sorted(report.exact) == sorted(set(doconv_layers(model)) - {"signal.3"})
+    before = {key: value.clone() for key, value in fresh.state_dict().items()}
+    with pytest.raises(dc.CheckpointError, match=re.escape(
+            "the legacy checkpoint has arrays ['signal.0.D', 'signal.0.W', 'signal.0.bias', "
+            "'signal.0.d_diag'] for layer 'signal.0', a 1-D layer: the original DO-Conv layers "
+            "were 2-D only, so load_legacy loads 2-D layers only")):
+        load_legacy(fresh, legacy, strict=False)
+    other_ranks = tuple(f"{name}." for rank in (1, 3) for name in MIXED_CONVS[rank])
+    planar = {key: value for key, value in legacy.items() if not key.startswith(other_ranks)}
+    with pytest.raises(dc.CheckpointError, match=re.escape(
+            "the legacy checkpoint cannot fill the model's 1-D/3-D layers ['signal.0', "
+            "'signal.3', 'signal.4', 'volume.0', 'volume.3', 'volume.4']: the original DO-Conv "
+            "layers were 2-D only, so load_legacy loads 2-D layers only (pass strict=False")):
+        load_legacy(fresh, planar)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, before[key]), key  # nothing changed
+    report = load_legacy(fresh, planar, strict=False)
+    assert report.exact == ["image.0", "image.2"] and report.unexpected_keys == []
+    assert sorted(report.missing_keys) == sorted(
+        key for key in fresh.state_dict() if key.startswith(other_ranks)
+        and key.rsplit(".", 1)[1] in ("W", "D", "bias"))
     for name, layer in doconv_layers(fresh).items():
-        spec, state = layer.spec, {k.rsplit(".", 1)[1]: v.numpy() for k, v in legacy.items()
-                                   if k.rsplit(".", 1)[0] == name}
-        expected = dc.compose_kernel(state.get("D"), state["W"], groups=spec.groups,
-                                     kernel_size=spec.kernel_size,
-                                     channel_map=torch_channel_map(spec))
-        np.testing.assert_allclose(layer.weight.detach().numpy(), expected, rtol=1e-5,
-                                   atol=1e-6, err_msg=name)
+        if layer.spec.rank != 2:
+            assert torch.equal(layer.W, before[f"{name}.W"]), name  # left as it was
+            continue
+        np.testing.assert_allclose(layer.weight.detach().numpy(),
+                                   doconv_layers(model)[name].weight.detach().numpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # -- TorchScript, torch.export, torch.compile ---------------------------------------------------
