@@ -6,6 +6,7 @@ in doconv_core.legacy.
 """
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -140,3 +141,25 @@ def test_legacy_import_errors():
     with pytest.raises(dc.CheckpointError, match="supports only D_mul = M\\*N = 9"):
         dc.import_legacy_gluon(dc.ConvSpec(4, 4, 3, D_mul=10), weight=np.zeros((4, 4, 3, 3)))
     assert issubclass(dc.CheckpointError, ValueError)
+
+
+@pytest.mark.parametrize("layout,array", [("torch-legacy", "W"), ("tf-legacy", "W"),
+                                          ("gluon-legacy", "weight")])
+def test_prepare_legacy_is_two_dimensional_only(layout, array):
+    layers = {"flat": dc.ConvSpec(2, 4, 3, rank=1), "image": dc.ConvSpec(2, 4, 1, bias=False),
+              "volume": dc.ConvSpec(2, 4, 3, rank=3)}
+    with pytest.raises(dc.CheckpointError, match=re.escape(
+            f"cannot fill the model's 1-D/3-D layers ['flat', 'volume']: the original DO-Conv "
+            f"layers were 2-D only")):
+        dc.prepare_legacy({}, layers, layout=layout, strict=True, loads_other_keys=False)
+    for strict in (True, False):
+        with pytest.raises(dc.CheckpointError, match=re.escape(
+                f"has arrays ['volume.{array}'] for layer 'volume', a 3-D layer")):
+            dc.prepare_legacy({f"volume.{array}": np.zeros(3)}, layers, layout=layout,
+                              strict=strict, loads_other_keys=False)
+    shape = {"torch-legacy": (4, 2, 1), "tf-legacy": (1, 2, 4), "gluon-legacy": (4, 2, 1, 1)}
+    weights = {f"image.{array}": np.ones(shape[layout])}
+    results, remaining, missing = dc.prepare_legacy(weights, layers, layout=layout,
+                                                    strict=False, loads_other_keys=False)
+    assert list(results) == ["image"] and remaining == {}
+    assert missing == [f"flat.{array}", f"volume.{array}"]
