@@ -31,6 +31,9 @@ SHAPES = [
     (6, 4, 1, 3, 3, 9), (6, 4, 1, 3, 3, 12), (8, 8, 8, 3, 3, 9), (8, 12, 4, 3, 3, 9),
     (6, 9, 3, 2, 2, 9), (4, 4, 2, 1, 2, 1), (4, 6, 2, 3, 3, 20), (8, 4, 4, 3, 3, 18),
     (5, 5, 5, 2, 3, 13), (4, 40, 1, 3, 3, 9), (6, 40, 2, 5, 5, 25), (4, 34, 2, 3, 3, 12),
+    # the volume-3 and volume-27 specialisations (1-D and 3-D kernels of size 3), with output
+    # rows per group not a multiple of the rows composed together
+    (6, 5, 1, 1, 3, 3), (10, 20, 2, 1, 3, 3), (7, 20, 1, 3, 9, 27), (6, 4, 2, 3, 9, 27),
 ]
 IDS = ["O{}_I{}_g{}_{}x{}_Dmul{}".format(*s) for s in SHAPES]
 # gradcheck's numerical Jacobian grows with the inputs: a small shape for the 32-wide path.
@@ -120,9 +123,12 @@ def test_matches_einsum(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", [(128, 128, 1, 3, 3, 9), (128, 128, 1, 3, 3, 12),
-                                   (256, 256, 4, 3, 3, 9)], ids=["C128", "C128_Dmul12", "g4"])
+                                   (256, 256, 4, 3, 3, 9), (250, 250, 1, 3, 3, 9),
+                                   (256, 256, 1, 3, 3, 12)],
+                         ids=["C128", "C128_Dmul12", "g4", "C250_streamed", "C256_Dmul12_streamed"])
 def test_matches_einsum_on_several_threads(shape, dtype):
-    """Large enough for _threads() to ask OpenMP for every torch thread."""
+    """Large enough for _threads() to ask OpenMP for every torch thread; the last two write
+    K and dW (over 2 MiB) with non-temporal stores, C250 from rows not aligned to a line."""
     assert _ckernel._threads(shape[0] * shape[1] // shape[2] * shape[5]) == \
         torch.get_num_threads()
     tol = (dict(atol=1e-11, rtol=1e-12) if dtype == torch.float64

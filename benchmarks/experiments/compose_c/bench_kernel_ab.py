@@ -3,6 +3,7 @@ revision, hot and with cold caches, plus the composition's cost inside a trainin
 
     .tox/torch/bin/python benchmarks/experiments/compose_c/bench_kernel_ab.py \
         [--variant NAME=DEFINES ...] [--revision NAME=GIT_REV:PATH] [--rounds 41] [--in-step]
+        [--shape CHANNELS,VOLUME,D_MUL ...]
 
 Variants are the shipped source with extra `#define`s in front, e.g.
 `--variant nopf="PREFETCH 0"` (no software prefetch), `--variant ob8="OB 8"`,
@@ -30,7 +31,9 @@ import doconv_torch  # noqa: E402
 from benchmarks.harness import keep_freed_memory  # noqa: E402
 from doconv_torch import _ckernel  # noqa: E402
 
-SHAPES = [(128, 9), (256, 9), (512, 9), (512, 12)]  # (channels, D_mul), 3x3, groups 1
+# (channels, kernel volume, D_mul), groups 1: 3x3 layers, then the 1-D (kernel 3) and 3-D
+# (3x3x3) benchmark layers' shapes
+SHAPES = [(128, 9, 9), (256, 9, 9), (512, 9, 9), (512, 9, 12), (256, 3, 3), (64, 27, 27)]
 FLUSH = torch.empty(64 << 20, dtype=torch.uint8)
 
 
@@ -44,22 +47,23 @@ def build(sources: dict[str, tuple[str, int]]) -> dict:
     return libraries
 
 
-def ab(libraries: dict, rounds: int) -> None:
+def ab(libraries: dict, rounds: int, shapes: list[tuple[int, int, int]]) -> None:
     threads = torch.get_num_threads()
-    for channels, D_mul in SHAPES:
+    for channels, volume, D_mul in shapes:
         W = torch.randn(channels, channels, D_mul)
-        D = torch.randn(channels, 9, D_mul)
-        dK = torch.randn(channels, channels, 9)
-        K, dW, dD = torch.empty(channels, channels, 9), torch.empty_like(W), torch.empty_like(D)
+        D = torch.randn(channels, volume, D_mul)
+        dK = torch.randn(channels, channels, volume)
+        K, dW, dD = (torch.empty(channels, channels, volume), torch.empty_like(W),
+                     torch.empty_like(D))
         n = max(1, min(threads, W.numel() // 16384))
 
         def fwd(lib):
             lib.doconv_fwd(0, W.data_ptr(), D.data_ptr(), K.data_ptr(), channels, channels, 1,
-                           9, D_mul, n)
+                           volume, D_mul, n)
 
         def bwd(lib):
             lib.doconv_bwd(0, W.data_ptr(), D.data_ptr(), dK.data_ptr(), dW.data_ptr(),
-                           dD.data_ptr(), channels, channels, 1, 9, D_mul, n)
+                           dD.data_ptr(), channels, channels, 1, volume, D_mul, n)
 
         reference = None
         for lib in libraries.values():
@@ -86,7 +90,8 @@ def ab(libraries: dict, rounds: int) -> None:
             cells = [f"{name}: fwd {statistics.median(times[(name, mode, 'fwd')]) * 1e6:.0f} "
                      f"bwd {statistics.median(times[(name, mode, 'bwd')]) * 1e6:.0f}"
                      for name in libraries]
-            print(f"{channels} ch D_mul {D_mul} {mode} (us): " + " | ".join(cells))
+            print(f"{channels} ch volume {volume} D_mul {D_mul} {mode} (us): "
+                  + " | ".join(cells))
 
 
 def in_step(rounds: int) -> None:
@@ -129,7 +134,10 @@ def main() -> None:
     parser.add_argument("--revision", action="append", default=[], metavar="NAME=REV:PATH")
     parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--in-step", action="store_true")
+    parser.add_argument("--shape", action="append", default=[], metavar="C,VOLUME,D_MUL",
+                        help="instead of the default shapes (repeatable)")
     args = parser.parse_args()
+    shapes = [tuple(int(n) for n in spec.split(",")) for spec in args.shape] or SHAPES
     keep_freed_memory()
     source = _ckernel.SOURCE.read_text()
     sources = {"shipped": (source, _ckernel.ABI_VERSION)}
@@ -145,7 +153,7 @@ def main() -> None:
         sources[name] = (text, abi)
     shipped_abi = _ckernel.ABI_VERSION
     try:
-        ab(build(sources), args.rounds)
+        ab(build(sources), args.rounds, shapes)
     finally:
         _ckernel.ABI_VERSION = shipped_abi
     if args.in_step:
