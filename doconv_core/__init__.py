@@ -7,7 +7,9 @@ The formulas are specified in doconv-math.md and documented once, here:
 * ``compose_kernel``, ``compose_kernel_vjp``, ``identity_d``, ``embed_kernel``, ``fuse``.
 * ``conv2d``, ``doconv2d``, ``doconv2d_features``: NumPy reference convolutions, and
   ``conv2d_vjp``, ``doconv2d_vjp``: their gradients, the oracle for the adapters' autograd.
-* ``DOConvParams``, ``save_params``, ``load_params``: the portable ``.npz`` container.
+* ``DOConvParams``, ``save_params``, ``load_params``: the portable container (safetensors;
+  ``.npz`` versions 1 and 2 still load); ``read_safetensors``, ``read_safetensors_header``,
+  ``write_safetensors``, ``is_safetensors``: the safetensors format in NumPy alone.
 * ``prepare_import``, ``prepare_legacy``, ``check_state_keys``: every import validated whole
   before any layer changes (the path all adapters' imports take); ``LegacyLoadReport``.
 * ``layer_filter``: the ``include`` rule of every adapter's ``convert``.
@@ -61,6 +63,7 @@ from .reference import (
     doconv_vjp,
     pad_input,
 )
+from .tensorfile import is_safetensors, read_safetensors, read_safetensors_header, write_safetensors
 from .selection import Include, layer_filter, nothing_to_convert, nothing_to_fuse
 from .spec import (
     PADDING_MODES,
@@ -88,4 +91,5 @@ __all__ = [
     "LegacyLoadReport", "ROOT_NAME", "Include", "layer_filter", "nothing_to_convert",
     "nothing_to_fuse", "assignable_params", "check_layers_ready", "export_layers", "import_layers",
     "LegacyImport", "import_legacy_torch", "import_legacy_tf", "import_legacy_gluon",
+    "read_safetensors", "read_safetensors_header", "write_safetensors", "is_safetensors",
 ]

@@ -35,7 +35,8 @@ def prepare_import(source: Source, targets: Mapping[str, ConvSpec],
     """Validate a whole checkpoint against the layers it is to fill; assign nothing.
 
     ``targets`` maps each layer name to the spec of the layer that will receive it.
-    ``layout`` "portable": ``source`` is a file written by ``save_params``; it must hold
+    ``layout`` "portable": ``source`` is a file written by ``save_params`` (safetensors, or
+    an ``.npz`` of version 1 or 2); it must hold
     exactly the target layers, each saved with a spec of the same function.
     A legacy layout ("torch-legacy", "tf-legacy", "gluon-legacy"): ``arrays`` maps each
     target layer name to its arrays as the original code named them, and ``source``
@@ -209,7 +210,9 @@ def check_layers_ready(layers: Mapping[str, Any], source: str, ready: Callable[[
 
 def export_layers(path: Source, model: Any, layers: Mapping[str, Any], kind: str) -> None:
     """Every adapter's ``export_params``: ``layers`` maps file names to layers with
-    ``to_params()``; a ValueError for a model without any."""
+    ``to_params()``; a ValueError for a model without any. The file is written atomically
+    by ``save_params``: safetensors (format version 3), or the version-2 ``.npz`` that
+    earlier releases read when ``path`` ends in ``.npz``."""
     if not layers:
         raise ValueError(f"model has no {kind} layers to export ({type(model).__name__})")
     save_params(path, {name: layer.to_params() for name, layer in layers.items()})

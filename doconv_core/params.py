@@ -1,14 +1,19 @@
-"""The portable parameter container: D, W, bias and hyper-parameters, saved as ``.npz``.
+"""The portable parameter container: D, W, bias and hyper-parameters, saved as safetensors.
 
 Every adapter exports to and imports from it, so a layer (or a whole model, as a
 mapping of layer names to parameters) trained in one framework loads in another.
-Arrays are stored in the canonical layout; the metadata is one JSON string. Files are
-read with ``allow_pickle=False``, so loading never runs code from the file.
+Arrays are stored in the canonical layout. The container is safetensors (format version
+3, written by ``doconv_core.tensorfile``): NumPy, PyTorch, TensorFlow, JAX and Flax read
+it without doconv, memory-mapped, with the layers' settings as JSON in its metadata.
+``.npz`` files (versions 1 and 2) still load, and a path ending in ``.npz`` still writes
+one (version 2, for earlier doconv releases). Loading never runs code from the file
+(``.npz`` files are read with ``allow_pickle=False``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import zipfile
@@ -20,8 +25,11 @@ from .compose import check_params, compose_kernel
 from .spec import ConvSpec
 
 FORMAT_NAME = "doconv.params"
-FORMAT_VERSION = 2  # 2 added each layer's rank (1-D, 2-D, 3-D); version 1 files are 2-D
-READABLE_VERSIONS = (1, 2)
+# 3: the safetensors container; 2 (.npz) added each layer's rank (1-D, 2-D, 3-D); version 1
+# files (.npz) are 2-D.
+FORMAT_VERSION = 3
+NPZ_VERSION = 2  # what a path ending in .npz gets: the newest .npz version
+READABLE_VERSIONS = (1, 2, 3)
 _META_KEY = "__doconv_meta__"
 
 
@@ -103,12 +111,16 @@ def assignable_params(params: Any, spec: ConvSpec) -> DOConvParams:
     return DOConvParams(spec, arrays["W"], arrays["D"], arrays["bias"])
 
 
-def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, ParamsMapping]) -> None:
-    """Write one layer or a {name: DOConvParams} mapping to an ``.npz`` file."""
+def _writes_npz(path: Union[str, os.PathLike]) -> bool:
+    return os.fsdecode(path).lower().endswith(".npz")
+
+
+def _check_layers(layers: Any) -> dict[str, DOConvParams]:
     if isinstance(layers, DOConvParams):
-        layers = {"layer": layers}
-    meta: dict = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "layers": {}}
-    arrays: dict[str, np.ndarray] = {}
+        return {"layer": layers}
+    if not isinstance(layers, Mapping):
+        raise ValueError(f"layers must be DOConvParams or a mapping of layer names to them, "
+                         f"got {type(layers).__name__}")
     for name, params in layers.items():
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"layer names must be non-empty strings without '/', got {name!r}")
@@ -116,29 +128,106 @@ def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, Param
             raise ValueError(
                 f"layers[{name!r}] must be DOConvParams, got {type(params).__name__}"
             )
-        meta["layers"][name] = params.spec.to_dict()
-        arrays[f"{name}/W"] = params.W
-        if params.D is not None:
-            arrays[f"{name}/D"] = params.D
-        if params.bias is not None:
-            arrays[f"{name}/bias"] = params.bias
-    arrays[_META_KEY] = np.array(json.dumps(meta))
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
+    return dict(layers)
+
+
+def _parts(params: DOConvParams) -> dict[str, np.ndarray]:
+    return {part: array for part, array in (("W", params.W), ("D", params.D),
+                                              ("bias", params.bias)) if array is not None}
+
+
+def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, ParamsMapping]) -> None:
+    """Write one layer or a {name: DOConvParams} mapping to ``path``, atomically (``path`` is
+    replaced whole or left as it was).
+
+    The container follows the name: a path ending in ``.npz`` gets the version-2 ``.npz``
+    that earlier doconv releases read (arrays ``"{layer}/W"``, ``"{layer}/D"``,
+    ``"{layer}/bias"`` and one JSON metadata string); every other path gets safetensors,
+    format version 3, which NumPy, PyTorch, TensorFlow, JAX and Flax read without doconv:
+    tensors ``"{layer}.W"``, ``"{layer}.D"``, ``"{layer}.bias"`` and the metadata
+    ``{"format": "doconv.params", "format_version": "3", "layers": JSON {layer: settings}}``.
+    Layer names are non-empty strings without '/' (a ValueError before anything is written).
+    """
+    from .tensorfile import _write_atomic, write_safetensors
+
+    layers = _check_layers(layers)
+    specs = {name: params.spec.to_dict() for name, params in layers.items()}
+    if _writes_npz(path):
+        meta = {"format": FORMAT_NAME, "version": NPZ_VERSION, "layers": specs}
+        arrays = {f"{name}/{part}": array for name, params in layers.items()
+                  for part, array in _parts(params).items()}
+        arrays[_META_KEY] = np.array(json.dumps(meta))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        _write_atomic(path, [buffer.getvalue()])
+        return
+    tensors = {f"{name}.{part}": array for name, params in layers.items()
+               for part, array in _parts(params).items()}
+    write_safetensors(path, tensors, {"format": FORMAT_NAME,
+                                      "format_version": str(FORMAT_VERSION),
+                                      "layers": json.dumps(specs)})
 
 
 def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
-    """Read a file written by ``save_params``; every problem is a CheckpointError."""
+    """Read a file written by ``save_params``: safetensors (version 3) or ``.npz`` (versions
+    1 and 2), told apart by content, not by name. Returns {layer name: DOConvParams} in the
+    file's order. Every problem (missing, truncated, corrupt or foreign file, missing or
+    extra arrays, non-floating dtypes, wrong shapes, invalid settings) is a CheckpointError
+    naming the file and, where relevant, the layer and the array; nothing in the file is
+    ever executed."""
+    from .tensorfile import is_safetensors
+
     where = repr(os.fspath(path))
+    kind = ".npz" if _writes_npz(path) else "doconv parameter"
     try:
         with open(path, "rb") as handle:
             magic = handle.read(6)
     except OSError as error:
-        raise CheckpointError(f"{where} is not a readable .npz file: {error}") from None
-    if not magic.startswith((b"PK", b"\x93NUMPY")):
-        # np.load would try it as a pickle and blame allow_pickle: say what it is instead.
+        raise CheckpointError(f"{where} is not a readable {kind} file: {error}") from None
+    if magic.startswith((b"PK", b"\x93NUMPY")):
+        return _load_npz(path, where)
+    if is_safetensors(path):
+        return _load_safetensors(path, where)
+    # np.load would try it as a pickle and blame allow_pickle: say what it is instead.
+    if kind == ".npz":
         raise CheckpointError(f"{where} is not an .npz file (a zip archive); it starts with "
                               f"{magic!r}")
+    raise CheckpointError(f"{where} is not a doconv parameter file (safetensors or .npz); it "
+                          f"starts with {magic!r}")
+
+
+def _load_safetensors(path: Union[str, os.PathLike], where: str) -> dict[str, DOConvParams]:
+    from .tensorfile import DTYPES, read_safetensors, read_safetensors_header
+
+    entries, meta = read_safetensors_header(path)
+    if meta.get("format") != FORMAT_NAME:
+        found = (f"format {meta['format']!r}" if "format" in meta
+                 else f"no 'format' (keys {sorted(meta)})")
+        raise CheckpointError(f"{where} is a safetensors file but not a {FORMAT_NAME} file: "
+                              f"its metadata has {found}")
+    version = meta.get("format_version")
+    if version not in {str(v) for v in READABLE_VERSIONS}:
+        raise CheckpointError(
+            f"{where} has format version {version!r}; this doconv reads versions "
+            f"{', '.join(str(v) for v in READABLE_VERSIONS)}"
+        )
+    if "layers" not in meta:
+        raise CheckpointError(f"{where} has no doconv metadata: its metadata has no 'layers'")
+    try:
+        described = json.loads(meta["layers"])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{where} has corrupt metadata: {error}") from None
+    for name, entry in entries.items():
+        # Checked before reading: a BF16 or F8 tensor would otherwise need ml_dtypes only to
+        # be refused. Other dtypes are refused below, by layer and array.
+        if DTYPES[entry["dtype"]][1] is None:
+            raise CheckpointError(f"{where}: tensor {name!r} must hold floating-point numbers "
+                                  f"(float16, float32 or float64), got dtype {entry['dtype']}")
+    arrays, _ = read_safetensors(path, mmap=False)
+    return _build_layers(where, described, arrays, ".")
+
+
+def _load_npz(path: Union[str, os.PathLike], where: str) -> dict[str, DOConvParams]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
@@ -165,7 +254,13 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
             f"{where} has format version {meta.get('version')!r}; this doconv reads versions "
             f"{', '.join(str(v) for v in READABLE_VERSIONS)}"
         )
-    described = meta.get("layers")
+    return _build_layers(where, meta.get("layers"), arrays, "/")
+
+
+def _build_layers(where: str, described: Any, arrays: dict[str, np.ndarray], separator: str
+                  ) -> dict[str, DOConvParams]:
+    """The layers ``described`` ({name: settings}) with their arrays ``"{name}{separator}
+    {part}"``, every array used: the checks both containers share."""
     if not isinstance(described, dict):
         raise CheckpointError(
             f"{where} has invalid metadata: 'layers' must map layer names to settings, "
@@ -187,7 +282,9 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
                                   ) from None
         found = {}
         for part, required in (("W", True), ("D", spec.has_D), ("bias", spec.bias)):
-            key = f"{name}/{part}"
+            # Looked up by the described name, never by splitting tensor names: layer names
+            # hold dots themselves ("features.0").
+            key = f"{name}{separator}{part}"
             if key in arrays:
                 try:
                     found[part] = checkpoint_array(part, arrays[key])

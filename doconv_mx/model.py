@@ -202,8 +202,9 @@ def _named_layers(model: gluon.Block) -> dict[str, DOConvND]:
 
 
 def export_params(model: gluon.Block, path: Union[str, os.PathLike]) -> None:
-    """Save every DO-Conv layer of ``model`` (any rank) to the core's .npz container, keyed
-    by layer name."""
+    """Save every DO-Conv layer of ``model`` (any rank) to the core's portable container
+    (safetensors, or the .npz of earlier releases when ``path`` ends in ``.npz``), keyed by
+    layer name."""
     doconv_core.export_layers(path, model, _named_layers(model), _LAYER_WORDS)
 
 

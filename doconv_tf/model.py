@@ -212,7 +212,8 @@ def _check_built(layers: Mapping[str, _DOConv], source: str) -> None:
 
 def export_params(model: keras.layers.Layer, path: Union[str, os.PathLike]) -> None:
     """Write every DO-Conv layer's parameters (any rank; the file records each one's), keyed
-    by layer name, to the core's portable ``.npz`` container."""
+    by layer name, to the core's portable container: safetensors, or the ``.npz`` of earlier
+    releases when ``path`` ends in ``.npz``."""
     doconv_core.export_layers(path, model, _file_names(model), _DOCONV_KINDS)
 
 

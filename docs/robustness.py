@@ -159,6 +159,27 @@ def core_rows(files: Files) -> Iterator[Row]:
     yield Row("load_params(a text file)", "core-text.npz", lambda: core.load_params(text))
     yield Row("load_params(a file whose W is int64)", "W", lambda: core.load_params(int_W))
     yield Row("load_params(a file without layer conv's D)", "D", lambda: core.load_params(no_D))
+    safe = files("core-good.safetensors")
+    core.save_params(safe, {"conv": params})
+    truncated = files("core-truncated.safetensors")
+    truncated.write_bytes(safe.read_bytes()[:-10])
+    foreign = files("core-foreign.safetensors")
+    core.write_safetensors(foreign, {"weight": params.W}, {"format": "pt"})
+    tensors, meta = core.read_safetensors(safe, mmap=False)
+    safe_int_W = files("core-int-W.safetensors")
+    core.write_safetensors(safe_int_W, dict(tensors, **{"conv.W": tensors["conv.W"].astype(int)}),
+                           meta)
+    yield Row("load_params('<tmp>/missing.safetensors')", "missing.safetensors",
+              lambda: core.load_params(files("missing.safetensors")))
+    yield Row("load_params(a truncated .safetensors file)", "core-truncated.safetensors",
+              lambda: core.load_params(truncated))
+    yield Row("load_params(a .safetensors file of another library)", "core-foreign.safetensors",
+              lambda: core.load_params(foreign))
+    yield Row("load_params(a .safetensors file whose W is int64)", "W",
+              lambda: core.load_params(safe_int_W))
+    yield Row("write_safetensors(path, {'x': an object array})", "'x'",
+              lambda: core.write_safetensors(files("core-object.safetensors"),
+                                             {"x": np.array([None])}))
     yield Row("layer_filter(3)", "include", lambda: core.layer_filter(3))
 
 

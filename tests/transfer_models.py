@@ -6,7 +6,8 @@
 
 ``export`` trains each transfer model (doconv_core.testing.crosscheck.TRANSFER_MODELS: a 1-D, a
 2-D and a 3-D one, ReLU between convs, global average pool) for a few SGD steps in FRAMEWORK,
-writes its parameters to the portable .npz and its own probe predictions (unfused and fused).
+writes its parameters to the portable safetensors file and its own probe predictions (unfused
+and fused).
 ``import`` loads every other framework's files into FRAMEWORK's models and writes their
 predictions. The ``cross``
 env then compares everything with the NumPy reference (crosscheck --transfer).
@@ -215,6 +216,45 @@ def export_and_check(framework: str, directory: str) -> list[str]:
     expected = len(TRANSFER_MODELS)
     return failures if passed == expected else failures + [
         f"{framework}: {passed} of {expected} models compared"]
+
+
+def check_old_npz_imports(framework: str, directory: str) -> list[str]:
+    """Every transfer model trained in FRAMEWORK and exported (safetensors), its parameters
+    then written as the ``.npz`` files earlier doconv releases wrote (version 2; the 2-D
+    model also as version 1), each imported into a fresh model: the failures (an empty list
+    when every old file predicts exactly as the model that exported it)."""
+    from checkpoint_files import write_npz
+
+    from doconv_core import is_safetensors, load_params
+
+    failures = []
+    for name in TRANSFER_MODELS:
+        data = crosscheck.transfer_data(name)
+        model = make_model(framework, name)
+        model.train(data["x"], data["target"])
+        exported = os.path.join(directory, f"old-{name}-{framework}.safetensors")
+        model.save(exported)
+        if not is_safetensors(exported):
+            failures.append(f"{framework} {name}: export_params did not write safetensors")
+            continue
+        expected = model.predict(data["probe"])
+        layers = load_params(exported)
+        for version in (1, 2) if name == "2d" else (2,):
+            old = os.path.join(directory, f"old-{name}-{framework}-v{version}.npz")
+            write_npz(old, layers, version)
+            fresh = make_model(framework, name)
+            before = fresh.predict(data["probe"])
+            fresh.load(old)
+            got = fresh.predict(data["probe"])
+            if np.allclose(before[0], expected[0]):
+                failures.append(f"{framework} {name}: the fresh model already predicts as the "
+                                "trained one; the import would go unnoticed")
+            for kind, a, b in zip(("unfused", "fused"), got, expected):
+                error = float(np.max(np.abs(np.asarray(a, np.float64) - b)))
+                if error > 1e-6 * max(float(np.max(np.abs(b))), 1e-12):
+                    failures.append(f"{framework} {name}: version-{version} .npz predicts "
+                                    f"{kind} {error:.1e} away from the exporting model")
+    return failures
 
 
 def import_all(framework: str, directory: str, exporters: list[str]) -> list[str]:

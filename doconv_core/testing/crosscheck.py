@@ -305,8 +305,9 @@ def transfer_forward(layers: Mapping[str, DOConvParams], x: np.ndarray) -> np.nd
 
 def transfer_paths(directory: str | os.PathLike, exporter: str,
                    importer: str | None = None, model: str = "2d") -> str:
-    """Where an exporter's parameters (importer None) or an importer's predictions go."""
-    name = (f"transfer-{model}-{exporter}.npz" if importer is None
+    """Where an exporter's parameters (importer None; the portable safetensors file) or an
+    importer's predictions (an ``.npz`` of arrays, not a parameter file) go."""
+    name = (f"transfer-{model}-{exporter}.safetensors" if importer is None
             else f"transfer-{model}-{exporter}-into-{importer}.npz")
     return os.path.join(directory, name)
 

@@ -155,3 +155,40 @@ def test_check_state_keys():
 ])
 def test_string_padding(spec, expected):
     assert spec.string_padding() == expected
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.npz"])
+def test_export_and_import_layers_in_both_containers(tmp_path, name):
+    # export_layers (every adapter's export_params) follows save_params: safetensors unless
+    # the path ends in .npz.
+    class Layer:
+        def __init__(self, spec, seed):
+            self.spec, self.params = spec, params(spec)
+            self.params.W = self.params.W + seed
+
+        def to_params(self):
+            return self.params
+
+        def set_params(self, value):
+            self.params = value
+
+    source = {"a": Layer(SPEC, 1), "b.c": Layer(HEAD, 2)}
+    path = tmp_path / name
+    dc.export_layers(path, object(), source, "Fake")
+    assert dc.is_safetensors(path) is name.endswith(".safetensors")
+    target = {"a": Layer(SPEC, 0), "b.c": Layer(HEAD, 0)}
+    assert dc.import_layers(path, target) == ["a", "b.c"]
+    for key in source:
+        np.testing.assert_array_equal(target[key].params.W, source[key].params.W)
+
+
+def test_prepare_import_refuses_a_bad_safetensors_file_whole(tmp_path):
+    path = tmp_path / "model.safetensors"
+    dc.save_params(path, {"a": params(SPEC), "b": params(HEAD)})
+    arrays, metadata = dc.read_safetensors(path, mmap=False)
+    arrays["b.W"] = arrays["b.W"].astype(np.int64)
+    dc.write_safetensors(path, arrays, metadata)
+    with pytest.raises(dc.CheckpointError, match=re.escape(
+            f"{str(path)!r}: layer 'b': W must hold floating-point numbers (float16, float32 "
+            "or float64), got dtype int64")):
+        dc.prepare_import(path, {"a": SPEC, "b": HEAD})

@@ -1,6 +1,7 @@
-"""The portable .npz parameter container."""
+"""The portable parameter container: safetensors (version 3), and .npz (versions 1, 2)."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 import doconv_core as dc
 from doconv_core.params import _META_KEY
+from checkpoint_files import safetensors_parts, write_safetensors_parts
 
 
 def make_params(spec, seed=0, dtype=np.float32):
@@ -27,9 +29,14 @@ LAYERS = {
 }
 
 
-def test_round_trip_preserves_everything(tmp_path):
-    path = tmp_path / "model.npz"
+@pytest.mark.parametrize("name, safetensors", [
+    ("model.safetensors", True), ("model.npz", False), ("model.NPZ", False), ("model", True),
+    ("model.bin", True)])
+def test_round_trip_preserves_everything(tmp_path, name, safetensors):
+    path = tmp_path / name
     dc.save_params(path, LAYERS)
+    assert dc.is_safetensors(path) is safetensors
+    assert os.listdir(tmp_path) == [name]  # no temporary file left, no suffix added
     loaded = dc.load_params(path)
     assert list(loaded) == list(LAYERS)
     for name, original in LAYERS.items():
@@ -47,11 +54,13 @@ def test_round_trip_preserves_everything(tmp_path):
 
 def test_single_layer_save_and_load(tmp_path):
     params = LAYERS["stem.conv"]
-    params.save(tmp_path / "one.npz")
-    assert dc.DOConvParams.load(tmp_path / "one.npz").spec == params.spec
-    dc.save_params(tmp_path / "many.npz", LAYERS)
+    params.save(tmp_path / "one.safetensors")
+    assert dc.DOConvParams.load(tmp_path / "one.safetensors").spec == params.spec
+    assert sorted(dc.read_safetensors(tmp_path / "one.safetensors")[0]) == [
+        "layer.D", "layer.W", "layer.bias"]
+    dc.save_params(tmp_path / "many.safetensors", LAYERS)
     with pytest.raises(dc.CheckpointError, match="holds 3 layers"):
-        dc.DOConvParams.load(tmp_path / "many.npz")
+        dc.DOConvParams.load(tmp_path / "many.safetensors")
 
 
 def test_params_validate_shapes():
@@ -105,7 +114,7 @@ def test_load_never_unpickles(tmp_path):
         dc.load_params(path)
 
 
-def test_load_rejects_non_npz_files(tmp_path):
+def test_load_rejects_files_of_neither_container(tmp_path):
     (tmp_path / "text.npz").write_text("hello")
     with pytest.raises(dc.CheckpointError, match=r"is not an .npz file \(a zip archive\); "
                                                  r"it starts with b'hello'"):
@@ -113,8 +122,21 @@ def test_load_rejects_non_npz_files(tmp_path):
     np.save(tmp_path / "array.npy", np.zeros(3))
     with pytest.raises(dc.CheckpointError, match="single .npy array"):
         dc.load_params(tmp_path / "array.npy")
-    with pytest.raises(dc.CheckpointError, match="not a readable"):
+    with pytest.raises(dc.CheckpointError, match="is not a readable .npz file: "):
         dc.load_params(tmp_path / "missing.npz")
+    with pytest.raises(dc.CheckpointError, match="is not a readable doconv parameter file: "):
+        dc.load_params(tmp_path / "missing.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(dc.CheckpointError, match=r"is not a doconv parameter file \(safetensors "
+                                                 r"or .npz\); it starts with b'hello'"):
+        dc.load_params(tmp_path / "text.safetensors")
+    # Told apart by content: a safetensors file named .npz loads, and the other way round.
+    dc.save_params(tmp_path / "real.safetensors", LAYERS)
+    os.rename(tmp_path / "real.safetensors", tmp_path / "named.npz")
+    assert list(dc.load_params(tmp_path / "named.npz")) == list(LAYERS)
+    dc.save_params(tmp_path / "real.npz", LAYERS)
+    os.rename(tmp_path / "real.npz", tmp_path / "named.safetensors")
+    assert list(dc.load_params(tmp_path / "named.safetensors")) == list(LAYERS)
 
 
 def test_save_rejects_bad_names(tmp_path):
@@ -153,12 +175,12 @@ def rank_layers():
 
 def test_multi_rank_file_round_trips(tmp_path):
     layers = rank_layers()
-    path = tmp_path / "ranks.npz"
+    path = tmp_path / "ranks.safetensors"
     dc.save_params(path, layers)
-    with np.load(path, allow_pickle=False) as archive:
-        meta = json.loads(str(archive[_META_KEY]))
-    assert meta["version"] == dc.FORMAT_VERSION == 2
-    assert {name: config["rank"] for name, config in meta["layers"].items()} == {
+    _, meta = dc.read_safetensors_header(path)
+    assert meta["format"] == "doconv.params"
+    assert meta["format_version"] == str(dc.FORMAT_VERSION) == "3"
+    assert {name: config["rank"] for name, config in json.loads(meta["layers"]).items()} == {
         "audio.causal": 1, "audio.head": 1, "image": 2, "volume.block": 3, "volume.head": 3}
     loaded = dc.load_params(path)
     assert list(loaded) == list(layers)
@@ -175,16 +197,23 @@ def test_multi_rank_file_round_trips(tmp_path):
         assert copy.kernel().shape == original.spec.kernel_shape
         np.testing.assert_array_equal(copy.kernel(), original.kernel())
     specs = {name: params.spec for name, params in layers.items()}
-    dc.match_layers(loaded, specs, "ranks.npz")  # no error
-    with pytest.raises(dc.CheckpointError, match="ranks.npz: layer 'volume.head' was saved with"):
+    dc.match_layers(loaded, specs, "ranks.safetensors")  # no error
+    with pytest.raises(dc.CheckpointError, match="ranks.safetensors: layer 'volume.head' was "
+                                                 "saved with"):
         dc.match_layers(loaded, dict(specs, **{"volume.head": dc.ConvSpec(4, 2, 1, rank=1)}),
-                        "ranks.npz")
+                        "ranks.safetensors")
+    # A path ending in .npz still gets the newest .npz version, 2, which earlier releases read.
+    dc.save_params(tmp_path / "ranks.npz", layers)
+    with np.load(tmp_path / "ranks.npz", allow_pickle=False) as archive:
+        meta = json.loads(str(archive[_META_KEY]))
+    assert meta["version"] == 2 and set(meta["layers"]) == set(layers)
+    assert list(dc.load_params(tmp_path / "ranks.npz")) == list(layers)
 
 
 def test_single_layer_of_each_rank_round_trips(tmp_path):
     for name, params in rank_layers().items():
-        params.save(tmp_path / f"{name}.npz")
-        assert dc.DOConvParams.load(tmp_path / f"{name}.npz").spec == params.spec
+        params.save(tmp_path / f"{name}.safetensors")
+        assert dc.DOConvParams.load(tmp_path / f"{name}.safetensors").spec == params.spec
 
 
 def write_version_1_file(path, layers):
@@ -215,6 +244,10 @@ def test_version_1_file_loads_as_two_dimensional(tmp_path):
         np.testing.assert_array_equal(loaded[name].W, original.W)
         np.testing.assert_array_equal(loaded[name].kernel(), original.kernel())
     # Saving it again writes the current version, with the rank.
+    dc.save_params(tmp_path / "new.safetensors", loaded)
+    _, meta = dc.read_safetensors_header(tmp_path / "new.safetensors")
+    assert meta["format_version"] == "3"
+    assert all(c["rank"] == 2 for c in json.loads(meta["layers"]).values())
     dc.save_params(tmp_path / "new.npz", loaded)
     with np.load(tmp_path / "new.npz", allow_pickle=False) as archive:
         meta = json.loads(str(archive[_META_KEY]))
@@ -236,3 +269,134 @@ def test_layer_with_a_wrong_rank_is_refused(tmp_path):
                                                  r"kernel_size must be an integer >= 1 or a "
                                                  r"sequence of one of them, got 3 values"):
         dc.load_params(path)
+
+
+def doconv_safetensors(path, change=None):
+    """LAYERS saved as safetensors, its tensors ({name: array}) and metadata ({str: str},
+    "layers" decoded) changed by ``change(arrays, metadata)`` and written back unchecked."""
+    dc.save_params(path, LAYERS)
+    if change is not None:
+        arrays, metadata = dc.read_safetensors(path, mmap=False)
+        metadata["layers"] = json.loads(metadata["layers"])
+        change(arrays, metadata)
+        if isinstance(metadata.get("layers"), dict):
+            metadata["layers"] = json.dumps(metadata["layers"])
+        dc.write_safetensors(path, arrays, metadata)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a, m: m.update(format_version="99"),
+     r"has format version '99'; this doconv reads versions 1, 2, 3$"),
+    (lambda a, m: m.pop("format_version"), r"has format version None"),
+    (lambda a, m: m.update(format="pt"),
+     r"is a safetensors file but not a doconv.params file: its metadata has format 'pt'$"),
+    (lambda a, m: m.clear(), r"is a safetensors file but not a doconv.params file: its "
+                             r"metadata has no 'format' \(keys \[\]\)$"),
+    (lambda a, m: m.pop("layers"), r"has no doconv metadata: its metadata has no 'layers'$"),
+    (lambda a, m: m.update(layers="{not json"), r"has corrupt metadata: "),
+    (lambda a, m: m.update(layers="[1, 2]"), r"has invalid metadata: 'layers' must map layer "
+                                             r"names to settings, got list$"),
+    (lambda a, m: a.pop("head.W"), r": layer 'head' is missing its W array$"),
+    (lambda a, m: a.pop("stem.conv.D"), r": layer 'stem.conv' is missing its D array$"),
+    (lambda a, m: a.update({"head.W": np.zeros((4, 8, 2), np.float32)}),
+     r": layer 'head': W must have shape \(4, 8, 1\) for this layer, got \(4, 8, 2\)$"),
+    (lambda a, m: a.update({"head.W": a["head.W"].astype(np.int64)}),
+     r": layer 'head': W must hold floating-point numbers \(float16, float32 or float64\), got "
+     r"dtype int64$"),
+    (lambda a, m: a.update({"head.bias": a["head.bias"].astype(np.complex64)}),
+     r": layer 'head': bias must hold floating-point numbers .* got dtype complex64$"),
+    (lambda a, m: a.update({"extra.W": np.zeros(3, np.float32)}),
+     r" holds arrays no layer describes: \['extra.W'\]$"),
+    (lambda a, m: a.update({"head/W": a.pop("head.W")}), r"layer 'head' is missing its W array"),
+    (lambda a, m: m["layers"].update(head={"in_channels": 16}),
+     r": layer 'head' has invalid settings: "),
+    (lambda a, m: m["layers"].update({"a/b": m["layers"]["head"]}),
+     r"has invalid metadata: layer names must be non-empty strings without '/', got 'a/b'$"),
+])
+def test_load_rejects_bad_safetensors_files(tmp_path, change, message):
+    path = doconv_safetensors(tmp_path / "model.safetensors", change)
+    with pytest.raises(dc.CheckpointError, match=message) as error:
+        dc.load_params(path)
+    assert str(error.value).startswith(repr(str(path)))
+
+
+def test_load_refuses_extension_dtypes_before_reading(tmp_path):
+    path = doconv_safetensors(tmp_path / "model.safetensors")
+    entries, metadata, data = safetensors_parts(path)
+    begin, end = entries["head.bias"]["data_offsets"]
+    entries["head.bias"] = {"dtype": "BF16", "shape": [4], "data_offsets": [begin, begin + 8]}
+    shift = end - begin - 8  # F32 to BF16: the later tensors move down
+    for name, entry in entries.items():
+        if name != "head.bias" and entry["data_offsets"][0] >= end:
+            entry["data_offsets"] = [entry["data_offsets"][0] - shift,
+                                     entry["data_offsets"][1] - shift]
+    write_safetensors_parts(path, entries, metadata, data[:begin + 8] + data[end:])
+    with pytest.raises(dc.CheckpointError, match=re.escape(
+            f"{str(path)!r}: tensor 'head.bias' must hold floating-point numbers (float16, "
+            "float32 or float64), got dtype BF16")):
+        dc.load_params(path)
+
+
+def test_load_of_corrupt_and_foreign_safetensors_files(tmp_path):
+    path = doconv_safetensors(tmp_path / "model.safetensors")
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-5])
+    with pytest.raises(dc.CheckpointError, match="is truncated or corrupt"):
+        dc.load_params(path)
+    path.write_bytes(raw[:100])
+    with pytest.raises(dc.CheckpointError, match="goes beyond the file's 100 bytes"):
+        dc.load_params(path)
+    foreign = tmp_path / "foreign.safetensors"
+    dc.write_safetensors(foreign, {"weight": np.ones((2, 2), np.float32)}, {"format": "pt"})
+    with pytest.raises(dc.CheckpointError, match="not a doconv.params file: its metadata has "
+                                                 "format 'pt'"):
+        dc.load_params(foreign)
+
+
+def test_layer_names_with_dots_and_part_names(tmp_path):
+    # Tensor names are "{layer}.{part}"; layers are found by the metadata's names, so names
+    # that look like parts of other layers are no problem.
+    spec = dc.ConvSpec(2, 2, 3, bias=True)
+    layers = {name: make_params(spec, seed) for seed, name in
+              enumerate(["a", "a.W", "a.D", "a.bias", "features.0", "W"])}
+    path = tmp_path / "dots.safetensors"
+    dc.save_params(path, layers)
+    assert "a.W.W" in dc.read_safetensors_header(path)[0]
+    loaded = dc.load_params(path)
+    assert list(loaded) == list(layers)
+    for name, params in layers.items():
+        np.testing.assert_array_equal(loaded[name].W, params.W)
+        np.testing.assert_array_equal(loaded[name].D, params.D)
+
+
+def test_loaded_arrays_are_writable_copies(tmp_path):
+    path = doconv_safetensors(tmp_path / "model.safetensors")
+    loaded = dc.load_params(path)
+    assert loaded["head"].W.flags.writeable
+    os.remove(path)  # nothing keeps the file open or mapped
+    np.testing.assert_array_equal(loaded["head"].W, LAYERS["head"].W)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    for name in ("p.safetensors", "p.npz"):
+        path = tmp_path / name
+        dc.save_params(path, LAYERS)
+        before = path.read_bytes()
+
+        def fail(*args):
+            raise OSError("no space left")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", fail)
+            with pytest.raises(OSError, match="no space left"):
+                dc.save_params(path, {"head": LAYERS["head"]})
+        assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["p.npz", "p.safetensors"]
+
+
+def test_save_rejects_layers_that_are_not_a_mapping(tmp_path):
+    with pytest.raises(ValueError, match="layers must be DOConvParams or a mapping of layer "
+                                         "names to them, got list"):
+        dc.save_params(tmp_path / "x.safetensors", [LAYERS["head"]])
+    assert os.listdir(tmp_path) == []
