@@ -39,6 +39,11 @@ def _is_fx_tracing() -> bool:
     return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
+# The state dict key of each layer's extra state (torch.nn.Module's own suffix), and the
+# version of its encoding: [version, rank, groups, *kernel_size], int64.
+_EXTRA_STATE_KEY = "_extra_state"
+_EXTRA_STATE_VERSION = 1
+
 # Each rank's native conv: what ``fuse`` returns and ``from_conv`` takes.
 _NATIVE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 # How input errors name the layout of each rank: (batched, unbatched).
@@ -51,9 +56,11 @@ class _DOConvNd(nn.Module):
     ``_rank`` (the number of spatial axes) and are what users build.
 
     Trainable ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, MN, D_mul, with MN the kernel's
-    volume; absent for a kernel of one element) and ``bias``, and no other state: the fixed
+    volume; absent for a kernel of one element) and ``bias``, and no buffers: the fixed
     identity ``D_diag`` is part of the composition (``torch.ops.doconv.compose``), so
     meta-device builds, ``to_empty`` and sharded loading need nothing besides the state dict.
+    The state dict also holds ``_extra_state`` (see ``get_extra_state``): the rank, groups
+    and kernel shape, which ``doconv fuse`` reads; state dicts without it still load.
     ``weight`` is the composed kernel (C_out, C_in/groups, *kernel_size), so code that reads
     ``conv.weight`` keeps working. Subclasses nn.Module, not the native conv: tools that see
     an nn.Conv2d expect ``weight`` to be a Parameter (weight_norm, pruning, quantization,
@@ -341,8 +348,57 @@ class _DOConvNd(nn.Module):
         if "_conv_padding" not in self.__dict__:  # pickled by a version without them
             self._set_layout()
 
+    # -- extra state: what W, D and bias cannot tell ----------------------------------
+    @torch.jit.unused
+    def get_extra_state(self) -> Tensor:
+        """The hyper-parameters fusion needs and the parameters' shapes do not tell (the
+        rank, the kernel's shape, groups when the kernel has one element), as the int64
+        tensor ``[version, rank, groups, *kernel_size]``: the state dict stays tensors-only
+        (``safetensors.torch.save_file`` takes it), and ``doconv fuse`` reads a checkpoint
+        without the model's code."""
+        return torch.tensor([_EXTRA_STATE_VERSION, self._rank, self.groups, *self.kernel_size],
+                            dtype=torch.int64)
+
+    @torch.jit.unused
+    def set_extra_state(self, state: Any) -> None:
+        """Check a saved extra state against this layer (it configures nothing: the
+        constructor did); a ValueError naming what differs."""
+        problem = self._extra_state_problem(state)
+        if problem:
+            raise ValueError(problem)
+
+    @torch.jit.unused
+    def _extra_state_problem(self, state: Any) -> Optional[str]:
+        if not isinstance(state, Tensor) or state.is_meta:
+            # Not ours to read (a meta tensor has no values): a foreign value is reported,
+            # a meta one (sharded loading plans) is taken as it is.
+            return None if isinstance(state, Tensor) else (
+                f"the extra state must be an int64 tensor [version, rank, groups, "
+                f"*kernel_size], got {type(state).__name__}")
+        values = state.detach().cpu().reshape(-1).tolist()
+        if state.dtype != torch.int64 or len(values) < 3 or values[0] != _EXTRA_STATE_VERSION:
+            return (f"the extra state must be an int64 tensor [{_EXTRA_STATE_VERSION}, rank, "
+                    f"groups, *kernel_size], got {state.dtype} {values[:8]}")
+        saved = {"rank": values[1], "groups": values[2], "kernel_size": tuple(values[3:])}
+        own = {"rank": self._rank, "groups": self.groups, "kernel_size": self.kernel_size}
+        differs = [f"{key} {saved[key]} (this layer's is {own[key]})" for key in own
+                   if saved[key] != own[key]]
+        if differs:
+            return f"the checkpoint was saved from a layer with {', '.join(differs)}"
+        return None
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # The extra state: checked against this layer where the checkpoint has it; one saved
+        # before layers had it (or a native conv's) loads as before, strict included.
+        extra_key = prefix + _EXTRA_STATE_KEY
+        if extra_key in state_dict:
+            problem = self._extra_state_problem(state_dict[extra_key])
+            if problem:
+                error_msgs.append(f"{extra_key}: {problem}")
+                state_dict[extra_key] = self.get_extra_state()
+        else:
+            state_dict[extra_key] = self.get_extra_state()
         # A plain native conv's state (``weight``) loads by embedding: a model built with
         # DO-Conv layers takes pretrained nn.ConvNd checkpoints (D = 0, the same function).
         key = prefix + "weight"
@@ -500,9 +556,10 @@ class DOConv2d(_DOConvNd):
     """Depthwise over-parameterized 2-D convolution with nn.Conv2d's signature plus ``D_mul``.
 
     Trainable ``W`` (C_out, C_in/groups, D_mul), ``D`` (C_in, M*N, D_mul; absent for a
-    1x1 kernel) and ``bias``, and no other state: the fixed identity ``D_diag`` is part of
+    1x1 kernel) and ``bias``, and no buffers: the fixed identity ``D_diag`` is part of
     the composition (``torch.ops.doconv.compose``), so meta-device builds, ``to_empty`` and
-    sharded loading need nothing besides the state dict.
+    sharded loading need nothing besides the state dict (whose ``_extra_state``, the int64
+    ``[1, rank, groups, *kernel_size]``, lets ``doconv fuse`` work without the model's code).
     ``weight`` is the composed kernel, so code that reads ``conv.weight`` keeps working.
     Subclasses nn.Module, not nn.Conv2d: tools that see an nn.Conv2d expect ``weight``
     to be a Parameter (weight_norm, pruning, quantization, fusers) and would misfire.

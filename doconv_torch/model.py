@@ -147,7 +147,8 @@ def doconv_layers(model: nn.Module) -> dict[str, _DOConvNd]:
 
 def export_params(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Save every DO-Conv layer's parameters (any rank; the file records each layer's spec,
-    rank included), keyed by layer name, in the core's .npz container."""
+    rank included), keyed by layer name, in the core's portable container: safetensors, or
+    the .npz of earlier releases when ``path`` ends in ``.npz``."""
     doconv_core.export_layers(path, model, {name or ROOT_NAME: layer for name, layer
                                             in doconv_layers(model).items()}, _DOCONV_NAMES)
 
@@ -194,6 +195,10 @@ def load_legacy(model: nn.Module, weights: Mapping[str, Any], *,
     results, remaining, _ = doconv_core.prepare_legacy(
         weights, {name: layer.spec for name, layer in layers.items()}, layout="torch-legacy",
         strict=strict, loads_other_keys=True, to_array=_legacy_array, source=_SOURCE)
+    # The layers' extra state (rank, groups, kernel shape) is not in the original checkpoints
+    # and needs none: each layer keeps its own (one in the weights is left out).
+    extra_states = {f"{name}._extra_state" if name else "_extra_state" for name in layers}
+    remaining = {key: value for key, value in remaining.items() if key not in extra_states}
     loaded = {name: layer for name, layer in layers.items() if (name or ROOT_NAME) in results}
     _check_ready({name or ROOT_NAME: layer for name, layer in loaded.items()}, _SOURCE)
     # Checked in full before anything loads: load_state_dict copies what matches and only
@@ -210,7 +215,8 @@ def load_legacy(model: nn.Module, weights: Mapping[str, Any], *,
             if array is not None:
                 filled[f"{name}.{part}" if name else part] = array.shape
     expected = {key: None if nn.parameter.is_lazy(value) else tuple(value.shape)
-                for key, value in model.state_dict(keep_vars=True).items()}
+                for key, value in model.state_dict(keep_vars=True).items()
+                if key not in extra_states}
     doconv_core.check_state_keys(
         _SOURCE, expected, {**{key: tuple(value.shape) for key, value in remaining.items()},
                             **filled}, strict=strict)

@@ -185,13 +185,13 @@ def test_cache_is_never_saved_or_copied(layer):
     with torch.no_grad():
         layer.weight
     assert layer._cache is not None
-    assert list(layer.state_dict()) == ["W", "D", "bias"]
+    assert list(layer.state_dict()) == ["W", "D", "bias", "_extra_state"]
     assert copy.deepcopy(layer)._cache is None
     assert pickle.loads(pickle.dumps(layer))._cache is None
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)
     buffer.seek(0)
-    assert set(torch.load(buffer, weights_only=True)) == {"W", "D", "bias"}
+    assert set(torch.load(buffer, weights_only=True)) == {"W", "D", "bias", "_extra_state"}
 
 
 def test_layer_built_in_inference_mode_works_without_cache():

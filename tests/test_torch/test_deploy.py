@@ -140,4 +140,5 @@ def test_distributed_data_parallel_gloo_two_processes(tmp_path):
     initial = torch.load(tmp_path / "data.pt", weights_only=True)["state"]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(rank0[key], value, rtol=1e-5, atol=1e-6)
-        assert not torch.equal(value, initial[key]), f"{key} did not train"
+        if not key.endswith("_extra_state"):  # the layers' settings: not trained
+            assert not torch.equal(value, initial[key]), f"{key} did not train"

@@ -97,7 +97,8 @@ def test_fully_shard_meta_build_loads_full_state_dict_and_matches_one_process(tm
         assert type(gathered[key]) is torch.Tensor, (key, type(gathered[key]))
         torch.testing.assert_close(gathered[key], value, **TOLERANCE,
                                    msg=lambda m: f"{key}: {m}")
-        assert not torch.equal(value, initial_state[key]), f"{key} did not train"
+        if not key.endswith("_extra_state"):  # the layers' settings: not trained
+            assert not torch.equal(value, initial_state[key]), f"{key} did not train"
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ def test_parameters_buffers_and_state_dict():
     layer = DOConv2d(4, 6, (3, 2), groups=2, D_mul=8)
     assert dict((n, tuple(p.shape)) for n, p in layer.named_parameters()) == {
         "W": (6, 2, 8), "D": (4, 6, 8), "bias": (6,)}
-    assert list(layer.state_dict()) == ["W", "D", "bias"]
+    assert list(layer.state_dict()) == ["W", "D", "bias", "_extra_state"]
+    assert layer.state_dict()["_extra_state"].tolist() == [1, 2, 2, 3, 2]
     # The fixed identity D_diag is part of the composition, not module state.
     assert list(layer.named_buffers()) == []
     with torch.no_grad():
@@ -41,7 +42,7 @@ def test_parameters_buffers_and_state_dict():
 def test_one_by_one_has_no_D():
     layer = DOConv2d(3, 5, 1, bias=False)
     assert layer.D is None and layer.D_mul == 1
-    assert list(layer.state_dict()) == ["W"]
+    assert list(layer.state_dict()) == ["W", "_extra_state"]
     assert torch.equal(layer.weight, layer.W.reshape(5, 3, 1, 1))
 
 

@@ -159,7 +159,8 @@ def test_parameters_state_and_composition_per_rank():
     layer = with_D(DOConv3d(4, 6, (3, 1, 2), groups=2, D_mul=8), std=1.0)
     assert {n: tuple(p.shape) for n, p in layer.named_parameters()} == {
         "W": (6, 2, 8), "D": (4, 6, 8), "bias": (6,)}
-    assert list(layer.state_dict()) == ["W", "D", "bias"] and list(layer.buffers()) == []
+    assert list(layer.state_dict()) == ["W", "D", "bias", "_extra_state"]
+    assert list(layer.buffers()) == []
     kernel = layer.weight
     assert kernel.shape == (6, 2, 3, 1, 2) and kernel.is_contiguous() and kernel.requires_grad
     np.testing.assert_allclose(

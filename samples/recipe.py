@@ -1,0 +1,420 @@
+"""The training recipe's framework-neutral part (NumPy and the standard library only).
+
+Every framework's recipe (``samples/train_pt.py`` now; the Keras and Gluon ones later) binds
+this module: the same command line (``recipe_parser``), the same image-folder checks
+(``scan_image_folder``), the same learning-rate schedule (``lr_factor``), the same
+per-sample augmentation seeds (``sample_seed``), the same outputs (``metrics.json`` through
+``write_metrics``, every file written by ``atomic_write``) and, for ``recipe_table.py``,
+Welch's t-test (``welch_t_test``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from samples.common import _OneLineErrorParser, _positive
+from samples.datasets import DATASET_NAMES
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # case-insensitive
+CHECKPOINT = "checkpoint.pt"  # the framework's own container; the name is shared
+METRICS = "metrics.json"
+METRICS_VERSION = 1
+LR_SCHEDULES = ("cosine", "step")
+
+# The flags a resumed run must share with the run that wrote the checkpoint: anything that
+# changes what an epoch computes. --epochs may grow; --workers, --output, --quiet and
+# --onnx change nothing that is computed.
+RESUME_FLAGS = ("model", "doconv", "data", "batch_size", "lr", "momentum", "wd", "lr_schedule",
+                "lr_step_size", "lr_gamma", "warmup_epochs", "label_smoothing", "seed", "amp",
+                "sync_bn", "train_crop_size", "val_resize_size", "val_crop_size", "limit")
+
+
+class RecipeError(ValueError):
+    """A user's mistake or bad input: reported as one line, never with a traceback."""
+
+
+# ----------------------------------------------------------------------- command line
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def recipe_parser(prog: str, description: str, models: Sequence[str]) -> argparse.ArgumentParser:
+    """The command line every framework's recipe shares; ``models`` are its built-in names."""
+    parser = _OneLineErrorParser(prog=prog, description=description)
+    add = parser.add_argument
+    add("--model", required=True, metavar="NAME",
+        help=f"a built-in ({', '.join(models)}) or package.module:callable, called with "
+             "num_classes= and returning a model with the framework's native convs")
+    add("--data", required=True, metavar="DIR|NAME",
+        help=f"an ImageNet-layout folder (DIR/train/<class>/*.jpg|png, DIR/val/<class>/*) or "
+             f"{' / '.join(DATASET_NAMES)} (the IDX sets of samples/datasets.py; offline, "
+             "mnist is the committed 4,000 / 1,000 subset)")
+    add("--doconv", action="store_true",
+        help="convert the model's convs to DO-Conv before training (fused for deployment)")
+    add("--epochs", type=_positive, default=90, metavar="N", help="(default: %(default)s)")
+    add("--batch-size", type=_positive, default=32, metavar="N",
+        help="per process (default: %(default)s)")
+    add("--lr", type=_non_negative_float, default=0.1, help="(default: %(default)s)")
+    add("--momentum", type=_non_negative_float, default=0.9, help="(default: %(default)s)")
+    add("--wd", type=_non_negative_float, default=1e-4, help="weight decay (default: %(default)s)")
+    add("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
+        help="after the warm-up, per step (default: %(default)s)")
+    add("--lr-step-size", type=_positive, default=30, metavar="EPOCHS",
+        help="step: multiply by --lr-gamma every this many epochs (default: %(default)s)")
+    add("--lr-gamma", type=_non_negative_float, default=0.1, help="(default: %(default)s)")
+    add("--warmup-epochs", type=_non_negative_int, default=0, metavar="N",
+        help="linear warm-up from lr/steps (default: %(default)s)")
+    add("--label-smoothing", type=_fraction, default=0.0, help="(default: %(default)s)")
+    add("--seed", type=int, default=0, help="(default: %(default)s)")
+    add("--workers", type=_non_negative_int, default=2, metavar="N",
+        help="data-loading processes per training process (default: %(default)s)")
+    add("--amp", action="store_true",
+        help="mixed precision (PyTorch: bf16 autocast on CPU, fp16 with loss scaling on CUDA)")
+    add("--sync-bn", action="store_true", help="synchronise BatchNorm statistics (CUDA)")
+    add("--train-crop-size", type=_positive, default=224, metavar="PX",
+        help="image folders: random-resized crop (default: %(default)s)")
+    add("--val-resize-size", type=_positive, default=256, metavar="PX",
+        help="image folders: shorter side before the center crop (default: %(default)s)")
+    add("--val-crop-size", type=_positive, default=224, metavar="PX",
+        help="image folders: center crop (default: %(default)s)")
+    add("--limit", type=_positive, default=None, metavar="N",
+        help="only the first N training and validation images (smoke runs, timing)")
+    add("--output", type=Path, required=True, metavar="DIR",
+        help=f"{CHECKPOINT} (every epoch), {METRICS}, fused weights")
+    add("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINT} up to --epochs")
+    add("--onnx", action="store_true", help="also export the fused model to DIR/fused.onnx")
+    add("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot check; RecipeError on the first."""
+    if args.val_crop_size > args.val_resize_size:
+        raise RecipeError(f"--val-crop-size {args.val_crop_size} is larger than "
+                          f"--val-resize-size {args.val_resize_size}")
+    if args.warmup_epochs >= args.epochs and args.warmup_epochs:
+        raise RecipeError(f"--warmup-epochs {args.warmup_epochs} leaves no epoch after the "
+                          f"warm-up (--epochs {args.epochs})")
+    output = args.output
+    if output.exists() and not output.is_dir():
+        raise RecipeError(f"--output {output} exists and is not a folder")
+    if not args.resume and (output / CHECKPOINT).exists():
+        raise RecipeError(f"{output / CHECKPOINT} exists: pass --resume to continue it or "
+                          "choose another --output")
+
+
+def resume_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags a resumed run must repeat (RESUME_FLAGS), as JSON-like primitives."""
+    return {name: _primitive(getattr(args, name)) for name in RESUME_FLAGS}
+
+
+def check_resume_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
+                          source: str) -> None:
+    """RecipeError naming the first flag that differs from the checkpoint's run."""
+    for name in RESUME_FLAGS:
+        if name not in saved:
+            raise RecipeError(f"{source}: not a checkpoint of this recipe (no {name!r})")
+        if saved[name] != current[name]:
+            flag = "--" + name.replace("_", "-")
+            raise RecipeError(f"{source} was written with {flag} {_show(saved[name])}, this "
+                              f"run has {flag} {_show(current[name])}")
+
+
+def _primitive(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+def _show(value: Any) -> str:
+    return {True: "on", False: "off", None: "unset"}.get(value, str(value)) \
+        if isinstance(value, (bool, type(None))) else str(value)
+
+
+# ---------------------------------------------------------------------- image folders
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    """An ImageNet-layout folder: class names (sorted) and (path, label) per split."""
+
+    root: Path
+    classes: tuple[str, ...]
+    train: tuple[tuple[Path, int], ...]
+    val: tuple[tuple[Path, int], ...]
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolder:
+    """Check and list ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    RecipeError when root, train or val is missing, a split has no class folders or no
+    images, a class folder has no image, or train and val have different classes. Files
+    with other extensions are ignored (a README, .DS_Store); images are not opened here.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise RecipeError(f"--data {root}: no such folder")
+    splits: dict[str, dict[str, list[Path]]] = {}
+    for split in ("train", "val"):
+        directory = root / split
+        if not directory.is_dir():
+            raise RecipeError(f"--data {root}: no {split}/ folder (expected "
+                              f"{split}/<class>/*{'|'.join(IMAGE_EXTENSIONS)})")
+        classes = sorted(p.name for p in directory.iterdir()
+                         if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise RecipeError(f"--data {directory}: no class folders")
+        files = {name: sorted(p for p in (directory / name).rglob("*") if is_image(p))
+                 for name in classes}
+        empty = [name for name, paths in files.items() if not paths]
+        if empty:
+            raise RecipeError(f"--data {directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                              f"in class folder{'s' if len(empty) > 1 else ''} "
+                              f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+        splits[split] = files
+    train_classes, val_classes = list(splits["train"]), list(splits["val"])
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        parts = ([f"only in train/: {', '.join(only_train[:5])}"] if only_train else []) + \
+                ([f"only in val/: {', '.join(only_val[:5])}"] if only_val else [])
+        raise RecipeError(f"--data {root}: train/ and val/ have different class folders "
+                          f"({'; '.join(parts)})")
+    classes = tuple(train_classes)
+
+    def pairs(split: str) -> tuple[tuple[Path, int], ...]:
+        return tuple((path, label) for label, name in enumerate(classes)
+                     for path in splits[split][name])
+
+    return ImageFolder(root, classes, pairs("train"), pairs("val"))
+
+
+# ------------------------------------------------------------------- schedule, seeds
+
+
+def lr_factor(epoch: float, epochs: int, schedule: str, warmup_epochs: int = 0,
+              step_size: int = 30, gamma: float = 0.1, steps_per_epoch: int = 1) -> float:
+    """The learning rate's multiplier at ``epoch`` (fractional: step / steps_per_epoch).
+
+    A linear warm-up over ``warmup_epochs`` (its first step at 1 / warm-up steps), then
+    cosine to 0 at ``epochs`` or a step decay by ``gamma`` every ``step_size`` epochs
+    (counted from the start, as in torchvision's reference recipe).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule: expected one of {LR_SCHEDULES}, got {schedule!r}")
+    if epoch < warmup_epochs:
+        warmup_steps = warmup_epochs * steps_per_epoch
+        return (epoch * steps_per_epoch + 1) / warmup_steps
+    if schedule == "step":
+        return gamma ** int(epoch // step_size)
+    span = max(epochs - warmup_epochs, 1e-12)
+    return 0.5 * (1.0 + math.cos(math.pi * min((epoch - warmup_epochs) / span, 1.0)))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> list[int]:
+    """The entropy for one training sample's augmentation in one epoch (for
+    ``numpy.random.default_rng``). Derived from the sample itself, so the augmentation
+    depends neither on the process history (resume) nor on which rank or data-loading
+    worker draws the sample."""
+    return [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, epoch, index, 0x5EED]
+
+
+def process_seed(seed: int, epoch: int, rank: int) -> int:
+    """The framework RNG's seed for one process in one epoch (dropout, ...), reset at the
+    start of every epoch so that a resumed run draws what the uninterrupted one drew."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """``write(handle)`` into a temporary file beside ``path``, fsync, then rename over it:
+    ``path`` is either the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make outputs private
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power cut once the folder is synced
+        directory = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(directory)
+    except OSError:
+        pass
+    finally:
+        os.close(directory)
+
+
+def metrics_record(*, framework: str, world_size: int, model: str, doconv: bool,
+                   settings: Mapping[str, Any], epochs: Sequence[Mapping[str, Any]],
+                   val_accuracy: float | None = None,
+                   fused_val_accuracy: float | None = None,
+                   fused_identical_predictions: bool | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """metrics.json's content. ``epochs``: one {"epoch", "train_loss", "val_accuracy",
+    "seconds"} per finished epoch (accuracies in %, seconds of training and validation);
+    the fused fields stay None until the run has finished and fused its model."""
+    for entry in epochs:
+        missing = {"epoch", "train_loss", "val_accuracy", "seconds"} - set(entry)
+        if missing:
+            raise ValueError(f"epochs: entry {entry} lacks {sorted(missing)}")
+    return {"version": METRICS_VERSION, "framework": framework, "world_size": world_size,
+            "model": model, "doconv": doconv, "settings": dict(settings),
+            "epochs": [dict(entry) for entry in epochs],
+            "val_accuracy": val_accuracy if val_accuracy is not None else
+            (epochs[-1]["val_accuracy"] if epochs else None),
+            "fused_val_accuracy": fused_val_accuracy,
+            "fused_identical_predictions": fused_identical_predictions,
+            "seconds": sum(float(entry["seconds"]) for entry in epochs), **extra}
+
+
+def write_metrics(directory: str | os.PathLike[str], record: Mapping[str, Any]) -> Path:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    path = Path(directory) / METRICS
+    text = json.dumps(record, indent=1, sort_keys=False) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+    return path
+
+
+def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A metrics.json (or a folder holding one); RecipeError if unreadable or not ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"{path}: cannot read ({type(error).__name__}: {error})") from None
+    if not isinstance(record, dict) or not {"model", "doconv", "epochs"} <= set(record):
+        raise RecipeError(f"{path}: not a recipe metrics.json")
+    record["path"] = str(path)
+    return record
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0.0 for one value)."""
+    if not values:
+        raise ValueError("values: expected at least one")
+    mean = math.fsum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    # Lentz's method for the incomplete beta's continued fraction (converges for
+    # x < (a + 1) / (a + b + 2); the caller uses the symmetry otherwise).
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        m2 = 2 * m
+        for numerator in (m * (b - m) * x / ((a + m2 - 1.0) * (a + m2)),
+                          -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1.0))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            return h
+    raise ArithmeticError(f"incomplete beta did not converge for a={a}, b={b}, x={x}")
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if a <= 0 or b <= 0:
+        raise ValueError(f"a and b must be > 0, got a={a}, b={b}")
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` > 0 degrees of freedom."""
+    if df <= 0:
+        raise ValueError(f"df must be > 0, got {df}")
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+@dataclasses.dataclass(frozen=True)
+class TTest:
+    t: float
+    df: float
+    p: float  # two-sided
+
+
+def welch_t_test(a: Sequence[float], b: Sequence[float]) -> TTest:
+    """Welch's unequal-variance t-test of mean(a) != mean(b), two-sided."""
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"each sample needs at least 2 values, got {len(a)} and {len(b)}")
+    (mean_a, sd_a), (mean_b, sd_b) = mean_std(a), mean_std(b)
+    va, vb = sd_a ** 2 / len(a), sd_b ** 2 / len(b)
+    if va + vb == 0.0:  # both constant: the means are equal or certainly differ
+        same = mean_a == mean_b
+        return TTest(0.0 if same else math.copysign(math.inf, mean_a - mean_b),
+                     float(len(a) + len(b) - 2), 1.0 if same else 0.0)
+    t = (mean_a - mean_b) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    p = regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    return TTest(t, df, min(1.0, p))
