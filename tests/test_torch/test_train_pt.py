@@ -191,8 +191,10 @@ def test_sigterm_keeps_a_loadable_checkpoint_and_exits_nonzero(tmp_path, folder)
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode != 0
-    assert "stopped by SIGTERM" in stderr
+    assert process.returncode != 0, stderr
+    # torchrun owns its workers' shutdown: it forwards the signal and kills a worker not gone
+    # within its grace period (a loaded machine can exceed it), so rank 0's "stopped by
+    # SIGTERM" line is checked on one process (below); here what must hold either way.
     checkpoint = load(tmp_path / "checkpoint.pt")
     assert 1 <= checkpoint["epoch"] < 1000
     assert len(checkpoint["metrics_epochs"]) == checkpoint["epoch"]
@@ -217,6 +219,7 @@ def test_sigterm_on_one_process_exits_143(tmp_path, folder):
             process.wait()
     assert process.returncode == 143, stderr
     assert "Traceback" not in stderr
+    assert "train_pt.py: stopped by SIGTERM; the last completed epoch's checkpoint is kept" in stderr
     assert load(tmp_path / "checkpoint.pt")["epoch"] >= 1
 
 
