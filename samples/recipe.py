@@ -120,8 +120,9 @@ def recipe_parser(prog: str, description: str, models: Sequence[str]) -> argpars
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Flag combinations argparse cannot check; RecipeError on the first."""
+def check_args(args: argparse.Namespace, checkpoint: str = CHECKPOINT) -> None:
+    """Flag combinations argparse cannot check; RecipeError on the first. ``checkpoint``:
+    the name of the framework's checkpoint (file or folder) inside --output."""
     if args.val_crop_size > args.val_resize_size:
         raise RecipeError(f"--val-crop-size {args.val_crop_size} is larger than "
                           f"--val-resize-size {args.val_resize_size}")
@@ -131,8 +132,8 @@ def check_args(args: argparse.Namespace) -> None:
     output = args.output
     if output.exists() and not output.is_dir():
         raise RecipeError(f"--output {output} exists and is not a folder")
-    if not args.resume and (output / CHECKPOINT).exists():
-        raise RecipeError(f"{output / CHECKPOINT} exists: pass --resume to continue it or "
+    if not args.resume and (output / checkpoint).exists():
+        raise RecipeError(f"{output / checkpoint} exists: pass --resume to continue it or "
                           "choose another --output")
 
 
@@ -258,6 +259,52 @@ def process_seed(seed: int, epoch: int, rank: int) -> int:
     """The framework RNG's seed for one process in one epoch (dropout, ...), reset at the
     start of every epoch so that a resumed run draws what the uninterrupted one drew."""
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63 - 1)
+
+
+def epoch_order(count: int, global_batch: int, seed: int, epoch: int) -> list[int]:
+    """The training samples' order in one epoch, a function of (seed, epoch) alone (so a
+    resumed run draws what the uninterrupted one drew), padded by repeating its first
+    indices to a whole number of global batches, as DistributedSampler pads its ranks:
+    every device gets equal shards and no sample is dropped."""
+    import numpy as np  # here: the module's other users need only the standard library
+
+    if count < 1 or global_batch < 1:
+        raise ValueError(f"count and global_batch must be >= 1, got {count}, {global_batch}")
+    order = np.random.default_rng([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, epoch,
+                                   0x0DE7]).permutation(count).tolist()
+    padded = -(-count // global_batch) * global_batch
+    while len(order) < padded:
+        order += order[:padded - len(order)]
+    return order
+
+
+def random_resized_crop_box(width: int, height: int, rng: Any,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                            ) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom): torchvision's RandomResizedCrop sampling (10 tries, then
+    the central crop at the nearest allowed aspect ratio), drawn from ``rng`` (a
+    ``numpy.random.Generator``); the same draws as ``train_pt.random_resized_crop_box``."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
 # ----------------------------------------------------------------------------- files

@@ -324,3 +324,41 @@ def test_driver_trains_each_seed_and_variant_once_and_resumes_stopped_runs(tmp_p
     assert recipe_table.main(["--run", "--out", str(tmp_path), "--seeds", "0", "1"]) == 0
     assert calls == []  # finished runs are kept
     assert "finished before, kept" in capsys.readouterr().out
+
+
+# ------------------------------------------------------- helpers of the Keras recipe
+
+
+def test_check_args_refuses_the_frameworks_own_checkpoint_name(tmp_path):
+    parser = recipe.recipe_parser("t", "t", ["m"])
+    args = parser.parse_args(["--model", "m", "--data", "d", "--output", str(tmp_path)])
+    (tmp_path / "backup").mkdir()
+    recipe.check_args(args)  # checkpoint.pt by default: nothing there
+    with pytest.raises(RecipeError, match="backup exists: pass --resume"):
+        recipe.check_args(args, checkpoint="backup")
+    args.resume = True
+    recipe.check_args(args, checkpoint="backup")
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only_and_pads_whole_batches():
+    order = recipe.epoch_order(10, 4, seed=3, epoch=1)
+    assert order == recipe.epoch_order(10, 4, seed=3, epoch=1)
+    assert len(order) == 12 and sorted(order[:10]) == list(range(10))
+    assert order[10:] == order[:2]  # padded with its first indices
+    assert order != recipe.epoch_order(10, 4, seed=3, epoch=2)
+    assert order != recipe.epoch_order(10, 4, seed=4, epoch=1)
+    assert recipe.epoch_order(2, 8, 0, 0) == recipe.epoch_order(2, 8, 0, 0)[:2] * 4
+    with pytest.raises(ValueError):
+        recipe.epoch_order(0, 4, 0, 0)
+
+
+def test_random_resized_crop_box_stays_inside_and_is_seeded():
+    boxes = [recipe.random_resized_crop_box(40, 30, np.random.default_rng(seed))
+             for seed in range(200)]
+    for left, top, right, bottom in boxes:
+        assert 0 <= left < right <= 40 and 0 <= top < bottom <= 30
+    assert len(set(boxes)) > 100
+    assert boxes[:5] == [recipe.random_resized_crop_box(40, 30, np.random.default_rng(s))
+                         for s in range(5)]
+    assert recipe.random_resized_crop_box(100, 10, np.random.default_rng(0),
+                                          scale=(1.0, 1.0)) == (43, 0, 56, 10)  # the fallback

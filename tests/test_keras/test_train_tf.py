@@ -1,0 +1,388 @@
+"""samples/train_tf.py, the Keras training recipe, end to end on tiny data, on this env's
+backend: data-parallel on 2 CPU devices (TensorFlow: MirroredStrategy over an image folder;
+JAX: DataParallel over MNIST; torch: 1 device, which is all Keras offers there), resume ==
+uninterrupted bit for bit, fused == unfused, fused.keras loading without doconv, and every
+bad input as one line.
+
+Each recipe run is a subprocess (the device split happens before TensorFlow or JAX starts);
+the bad-input runs start together and most fail before Keras is imported. Tests that only
+make sense on one backend are defined only there (never a skip that counts as a pass).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import keras
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = str(REPO / "samples" / "train_tf.py")
+TINY = "tests.test_keras.train_models:tiny"
+TIMEOUT_S = 180
+BACKEND = keras.backend.backend()
+# TensorFlow reads image folders (tf.io); the other backends have no TensorFlow in their
+# envs and train on the IDX sets (a folder is refused there, tested below).
+DEVICES = 1 if BACKEND == "torch" else 2
+FOLDER_DATA = BACKEND == "tensorflow"
+SIZE = ["--train-crop-size", "16", "--val-resize-size", "16", "--val-crop-size", "16"]
+# The step schedule does not depend on --epochs, so a 1-epoch run continued to 2 follows
+# the same learning rates as a 2-epoch run.
+RECIPE = ["--model", TINY, "--doconv", "--batch-size", "4", "--workers", "0", "--quiet",
+          "--lr", "0.05", "--lr-schedule", "step", "--lr-step-size", "1", "--lr-gamma", "0.5",
+          "--devices", str(DEVICES), *SIZE]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), KERAS_BACKEND=BACKEND,
+               TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, env=environment(),
+                          cwd=REPO, timeout=TIMEOUT_S)
+
+
+def run_recipe(*args: str) -> subprocess.CompletedProcess:
+    result = run([sys.executable, SCRIPT, *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An 8-bit grayscale (H, W) or RGB (H, W, 3) PNG, written with zlib alone (Pillow is
+    in none of the Keras envs)."""
+    pixels = np.ascontiguousarray(pixels, np.uint8)
+    height, width = pixels.shape[:2]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + pixels[row].tobytes() for row in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def write_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 3) -> Path:
+    """Learnable 16x16 PNGs (class k: a bright vertical band at columns 5k..5k+4), the
+    layout of the PyTorch recipe's tests; 9 validation images, so the last global batch
+    of 8 is padded."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
+                pixels[:, 5 * label:5 * label + 5] = 255
+                image = pixels[..., 0] if index == 0 else pixels  # grayscale is replicated
+                (folder / f"{index}.png").write_bytes(png_bytes(image))
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def data(folder) -> list[str]:
+    if FOLDER_DATA:
+        return ["--data", str(folder)]
+    return ["--data", "mnist", "--limit", "24", "--quiet"]  # --quiet: no dataset notice
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data) -> Path:
+    """Two epochs, uninterrupted."""
+    output = tmp_path_factory.mktemp("straight")
+    result = run_recipe(*data, "--epochs", "2", "--output", str(output), *RECIPE)
+    assert f"on {BACKEND}, {DEVICES} cpu device(s)" in result.stdout
+    return output
+
+
+def weights(output: Path) -> dict[str, np.ndarray]:
+    """Every array of the backup's weights file (the model's and the optimizer's)."""
+    import h5py  # Keras' own dependency
+    arrays: dict[str, np.ndarray] = {}
+    with h5py.File(output / "backup" / "latest.weights.h5", "r") as handle:
+        handle.visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                          if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def read_metrics(output: Path) -> dict:
+    return json.loads((output / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------- good runs
+
+
+def test_resumed_run_ends_bit_identical_to_uninterrupted(tmp_path, data, straight):
+    run_recipe(*data, "--epochs", "1", "--output", str(tmp_path), *RECIPE)
+    assert json.loads((tmp_path / "backup" / "recipe.json").read_text())["epoch"] == 1
+    result = run_recipe(*data, "--epochs", "2", "--output", str(tmp_path), "--resume", *RECIPE)
+    assert "resumed after epoch 1" in result.stdout
+    resumed, uninterrupted = weights(tmp_path), weights(straight)
+    assert resumed.keys() == uninterrupted.keys() and len(resumed) > 10
+    assert any("optimizer" in key for key in resumed)  # momentum and step count too
+    for key, value in uninterrupted.items():
+        assert np.array_equal(resumed[key], value), key
+
+    def measured(record):  # all but the wall times
+        return [{k: v for k, v in entry.items() if k != "seconds"} for entry in record["epochs"]]
+
+    assert measured(read_metrics(tmp_path)) == measured(read_metrics(straight))
+
+
+def test_metrics_record_every_epoch_and_fused_equals_unfused(tmp_path, straight):
+    metrics = read_metrics(straight)
+    assert (metrics["framework"], metrics["backend"]) == ("keras", BACKEND)
+    assert (metrics["world_size"], metrics["model"], metrics["doconv"]) == (DEVICES, TINY, True)
+    assert len(set(metrics["device_names"])) == DEVICES  # what the strategy trained on
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert all(e["train_loss"] > 0 and e["seconds"] > 0 for e in metrics["epochs"])
+    assert metrics["fused_identical_predictions"] is True
+    assert metrics["fused_val_accuracy"] == metrics["val_accuracy"] == \
+        metrics["epochs"][-1]["val_accuracy"]
+    assert metrics["settings"]["batch_size"] == 4 and metrics["settings"]["seed"] == 0
+    assert sorted(p.name for p in straight.iterdir()) == [
+        "backup", "backup-epoch0002", "fused.keras", "metrics.json"]  # no temporary files
+    assert os.readlink(straight / "backup") == "backup-epoch0002"
+    from samples import recipe_table  # reads Keras runs as it reads PyTorch's
+    assert recipe_table.main([str(straight / "metrics.json"), "--markdown",
+                              str(tmp_path / "table.md")]) == 0
+    assert f"| {TINY} | DO-Conv | 1 |" in (tmp_path / "table.md").read_text()
+
+
+def test_fused_keras_loads_with_keras_alone_in_safe_mode(straight):
+    # A process where importing doconv fails: the file needs Keras' own layers only.
+    code = ("import sys, json; sys.modules['doconv_tf'] = sys.modules['doconv_core'] = None\n"
+            "import numpy as np, keras\n"
+            f"model = keras.models.load_model({str(straight / 'fused.keras')!r})\n"
+            "kinds = sorted({type(layer).__module__.split('.')[0] for layer in model.layers})\n"
+            "out = model.predict(np.zeros((2,) + model.input_shape[1:], 'float32'), verbose=0)\n"
+            "print(json.dumps({'kinds': kinds, 'shape': list(out.shape),\n"
+            "                  'convs': [type(l).__name__ for l in model.layers\n"
+            "                            if 'Conv' in type(l).__name__]}))")
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    classes = 3 if FOLDER_DATA else 10
+    assert loaded == {"kinds": ["keras"], "shape": [2, classes], "convs": ["Conv2D", "Conv2D"]}
+
+
+def test_builtin_resnet20_matches_the_pytorch_recipes_network():
+    from samples import models_tf
+    model = models_tf.resnet20(num_classes=10, input_shape=(28, 28, 3))
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert len(convs) == 19 and trainable == 269_722  # models_pt.resnet20's parameters
+    x = np.random.default_rng(0).standard_normal((2, 28, 28, 3)).astype("float32")
+    assert tuple(model(x).shape) == (2, 10)
+
+
+def test_sigterm_stops_between_steps_keeping_the_last_backup(tmp_path, data):
+    command = [sys.executable, SCRIPT, *data, "--epochs", "1000", "--output", str(tmp_path),
+               *RECIPE]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=environment(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (tmp_path / "backup" / "recipe.json").exists():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no backup appeared"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM; the last completed epoch's backup is kept" in stderr
+    assert "Traceback" not in stderr
+    state = json.loads((tmp_path / "backup" / "recipe.json").read_text())
+    assert 1 <= state["epoch"] < 1000 and len(state["metrics_epochs"]) == state["epoch"]
+    assert not (tmp_path / "fused.keras").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--lr-schedule", "cosine", "--warmup-epochs", "2"],
+    ["--lr-schedule", "step", "--lr-step-size", "2", "--lr-gamma", "0.5", "--warmup-epochs", "1"]])
+def test_learning_rate_per_step_is_the_shared_schedule(monkeypatch, flags):
+    from samples import recipe, train_tf
+    monkeypatch.setattr(train_tf, "keras", keras)  # what main() sets once Keras is imported
+    args = train_tf.parser().parse_args(["--model", "m", "--data", "d", "--output", "o",
+                                         "--epochs", "5", "--lr", "0.2", *flags])
+    schedule, steps_per_epoch = train_tf.make_schedule(args, 3), 3
+    for step in range(5 * steps_per_epoch + 2):
+        expected = args.lr * recipe.lr_factor(step / steps_per_epoch, 5, args.lr_schedule,
+                                              args.warmup_epochs, args.lr_step_size,
+                                              args.lr_gamma, steps_per_epoch)
+        got = float(schedule(step))
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7), step
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def _bad_cases(root: Path, folder: Path, data: list[str], straight: Path
+               ) -> dict[str, tuple[list[str], str]]:
+    """name -> (arguments, the expected message's core); each case in its own folder."""
+    empty = root / "empty"
+    empty.mkdir()
+    no_classes = root / "no_classes"
+    (no_classes / "train").mkdir(parents=True)
+    (no_classes / "val").mkdir()
+    mismatched = write_image_folder(root / "mismatched", train=1, val=1)
+    (mismatched / "val" / "class2").rename(mismatched / "val" / "other")
+    unreadable = write_image_folder(root / "unreadable", train=1, val=1)
+    bad_image = unreadable / "train" / "class1" / "bad.png"
+    bad_image.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    resume = ["--resume", "--epochs", "2"]
+    at_straight = [*data, *resume, "--output", str(straight)]
+    cases = {
+        "missing data": (["--model", TINY, "--data", str(root / "nowhere")],
+                         f"--data {root / 'nowhere'}: no such folder"),
+        "empty data folder": (["--model", TINY, "--data", str(empty)],
+                              f"--data {empty}: no train/ folder"),
+        "no class folders": (["--model", TINY, "--data", str(no_classes)],
+                             f"--data {no_classes / 'train'}: no class folders"),
+        "mismatched classes": (["--model", TINY, "--data", str(mismatched)],
+                               ("train/ and val/ have different class folders (only in "
+                                "train/: class2; only in val/: other)")),
+        "unreadable image": (["--model", TINY, "--data", str(unreadable)],
+                             f"cannot read image {bad_image} (a broken PNG header)"),
+        "model does not import": (["--model", "tests.test_keras.no_such_module:tiny", *data],
+                                  "cannot import tests.test_keras.no_such_module"),
+        "model is not a keras model": (["--model", "tests.test_keras.train_models:not_a_model",
+                                        *data], "returned a int, not a Functional or Sequential"),
+        "unknown model": (["--model", "resnet21", *data],
+                          "--model 'resnet21': not a built-in model (resnet20), not a "
+                          "keras.applications name"),
+        "application below its minimum input size": (
+            ["--model", "ResNet50", "--data", "mnist", "--limit", "24", "--quiet"],
+            "--model ResNet50: building it for 10 classes and input 28x28x3 failed"),
+        "missing checkpoint": (["--model", TINY, *data, *resume], "--resume: no checkpoint at"),
+        "checkpoint of another model": (["--model", "resnet20", "--doconv", *at_straight],
+                                        "is of --model " + TINY),
+        "checkpoint with another doconv setting": (
+            [a for a in RECIPE if a != "--doconv"] + at_straight, "was trained with --doconv"),
+        "checkpoint with other settings": (RECIPE + at_straight + ["--seed", "1"],
+                                           "was written with --seed 0, this run has --seed 1"),
+        "existing checkpoint without --resume": (RECIPE + [*data, "--output", str(straight)],
+                                                 f"{straight / 'backup'} exists: pass --resume"),
+        "onnx": (["--model", TINY, *data, "--onnx"], "--onnx: the Keras recipe deploys"),
+    }
+    if DEVICES > 1:
+        one_device = [a if a != str(DEVICES) else "1" for a in RECIPE]
+        cases["checkpoint of another device count"] = (
+            one_device + at_straight, f"was written by {DEVICES} device(s), this run has 1")
+    if BACKEND == "torch":
+        cases["more than one device"] = (["--model", TINY, *data, "--devices", "2"],
+                                         "--devices 2: Keras' torch backend trains on one device")
+    if BACKEND != "jax":
+        cases["sync-bn"] = (["--model", TINY, *data, "--sync-bn"],
+                            f"--sync-bn: not available on the {BACKEND} backend")
+    if not FOLDER_DATA:
+        cases["image folder without TensorFlow"] = (
+            ["--model", TINY, "--data", str(folder)],
+            f"image folders are decoded with tf.io, and TensorFlow is not installed beside "
+            f"Keras' {BACKEND} backend")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory, folder, data, straight):
+    """Every bad-input case, started together: {name: (status, stdout, stderr, output,
+    message)} and whether the refused backup was left as it was."""
+    root = tmp_path_factory.mktemp("bad")
+    cases = _bad_cases(root, folder, data, straight)
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(straight)): p.read_bytes()
+                for p in sorted(straight.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    started = {}
+    for index, (name, (arguments, message)) in enumerate(cases.items()):
+        if "--output" not in arguments:
+            arguments = [*arguments, "--output", str(root / f"out{index}")]
+        output = Path(arguments[arguments.index("--output") + 1])
+        started[name] = (subprocess.Popen([sys.executable, SCRIPT, *arguments],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=environment(), cwd=REPO),
+                         output, message)
+    results = {}
+    for name, (process, output, message) in started.items():
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        results[name] = (process.returncode, stdout, stderr, output, message)
+    return results, before == snapshot()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(bad_runs, straight):
+    results, straight_unchanged = bad_runs
+    assert len(results) >= 15
+    for name, (status, stdout, stderr, output, message) in results.items():
+        assert status == 2, (name, stderr)
+        assert stderr.count("\n") == 1 and stderr.startswith("train_tf.py: error: "), \
+            (name, stderr)
+        assert message in stderr, (name, stderr)
+        assert "Traceback" not in stderr, name
+        assert "train_tf.py:" not in stdout, (name, stdout)  # nothing began
+        if output == straight:
+            assert straight_unchanged, name  # the backup that was refused is as it was
+        else:
+            assert not output.exists(), name
+
+
+if FOLDER_DATA:
+    def test_image_that_fails_to_decode_while_training_is_one_line(tmp_path):
+        # A PNG whose header is fine and whose pixel data is cut short passes the up-front
+        # check and fails in tf.io while training: one line, exit 1, no backup.
+        folder = write_image_folder(tmp_path / "images", train=2, val=1)
+        whole = png_bytes(np.random.default_rng(1).integers(0, 255, (32, 32, 3)))
+        cut = folder / "train" / "class0" / "cut.png"
+        cut.write_bytes(whole[:60])
+        result = run([sys.executable, SCRIPT, "--data", str(folder), "--epochs", "1",
+                      "--output", str(tmp_path / "out"), *RECIPE])
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert result.stderr.startswith(f"train_tf.py: error: cannot read image {cut} ("), \
+            result.stderr[-3000:]
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert not (tmp_path / "out" / "backup").exists()
+
+
+# ------------------------------------------------------------------------ benchmark
+
+
+BENCH = str(REPO / "benchmarks" / "bench_ddp_keras.py")
+
+if BACKEND == "torch":
+    def test_ddp_benchmark_refuses_the_torch_backend():
+        result = run([sys.executable, BENCH, "--smoke"])
+        assert result.returncode == 1 and "tensorflow and jax only" in result.stderr
+else:
+    def test_ddp_benchmark_smoke_prints_the_side_by_side_ratios(tmp_path):
+        markdown = tmp_path / "bench.md"
+        result = run([sys.executable, BENCH, "--smoke", "--markdown", str(markdown)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        text = markdown.read_text()
+        for needle in ("| 1 device |", "| 2 devices |", "doconv / native",
+                       "2-device ratio - 1-device ratio", f"backend {BACKEND}"):
+            assert needle in text, text
