@@ -399,9 +399,14 @@ def loader(run: Run, dataset: Dataset, sampler: DistributedSampler, epoch: int) 
     # A fresh loader per epoch, its generator seeded from (seed, epoch): nothing about an
     # epoch depends on how many epochs this process ran before.
     generator = torch.Generator().manual_seed(recipe.process_seed(run.args.seed, epoch, 0))
+    # Workers start with spawn, not fork: a child forked while the parent's OpenMP, gloo or
+    # other threads hold a lock can wait on it forever (seen here under torchrun: a data
+    # worker stuck in a futex before its first batch, its rank waiting for it).
+    context = "spawn" if run.args.workers > 0 else None
     return DataLoader(dataset, batch_size=run.args.batch_size, sampler=sampler,
                       num_workers=run.args.workers, worker_init_fn=_data_worker_init,
-                      generator=generator, pin_memory=run.processes.device.type == "cuda")
+                      generator=generator, pin_memory=run.processes.device.type == "cuda",
+                      multiprocessing_context=context)
 
 
 def autocast(run: Run):
