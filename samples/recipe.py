@@ -284,7 +284,7 @@ def random_resized_crop_box(width: int, height: int, rng: Any,
                             ) -> tuple[int, int, int, int]:
     """(left, top, right, bottom): torchvision's RandomResizedCrop sampling (10 tries, then
     the central crop at the nearest allowed aspect ratio), drawn from ``rng`` (a
-    ``numpy.random.Generator``); the same draws as ``train_pt.random_resized_crop_box``."""
+    ``numpy.random.Generator``): every recipe's training crop."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):

@@ -199,34 +199,6 @@ def _normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     return (pixels - mean_t) / std_t
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: tuple[float, float] = (0.08, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)
-                            ) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom): torchvision's RandomResizedCrop sampling (10 tries,
-    then the central crop at the nearest allowed aspect ratio)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, left + w, top + h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
-
-
 class FolderImages(Dataset):
     """Images of an ImageNet-layout folder, decoded with Pillow to RGB (grayscale
     replicated). Training: random-resized crop and horizontal flip, drawn from a seed
@@ -249,7 +221,7 @@ class FolderImages(Dataset):
             raise ImageReadError(f"cannot read image {path} ({_brief(error)})") from None
         if self.train:
             rng = np.random.default_rng(recipe.sample_seed(self.seed, self.epoch, index))
-            box = random_resized_crop_box(image.width, image.height, rng)
+            box = recipe.random_resized_crop_box(image.width, image.height, rng)
             image = image.resize((self.crop, self.crop), Image.BILINEAR, box=box)
             if rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)

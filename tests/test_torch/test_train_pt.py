@@ -407,19 +407,6 @@ def test_resnet20_and_56_have_the_papers_depth_and_size():
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=0.01)
 
 
-def test_random_resized_crop_box_stays_inside_and_is_seeded():
-    boxes = [train_pt.random_resized_crop_box(40, 30, np.random.default_rng(seed))
-             for seed in range(200)]
-    for left, top, right, bottom in boxes:
-        assert 0 <= left < right <= 40 and 0 <= top < bottom <= 30
-    assert len(set(boxes)) > 100
-    assert boxes[:5] == [train_pt.random_resized_crop_box(40, 30, np.random.default_rng(s))
-                         for s in range(5)]
-
-
-# ------------------------------------------------------------------------ benchmark
-
-
 def test_ddp_benchmark_smoke_prints_the_side_by_side_ratios(tmp_path):
     markdown = tmp_path / "bench.md"
     result = run([sys.executable, str(REPO / "benchmarks" / "bench_ddp_torch.py"), "--smoke",
