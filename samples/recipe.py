@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -276,6 +277,31 @@ def epoch_order(count: int, global_batch: int, seed: int, epoch: int) -> list[in
     while len(order) < padded:
         order += order[:padded - len(order)]
     return order
+
+
+def brief_error(error: BaseException) -> str:
+    """``Type: message`` on one line, at most 300 characters of the message."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def import_callable(name: str, brief: Callable[[BaseException], str] = brief_error
+                    ) -> Callable[..., Any]:
+    """The callable ``--model package.module:callable`` names (dots in ``callable`` reach
+    attributes), or a one-line RecipeError; ``brief`` words an import's own error."""
+    module_name, _, attribute = name.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - any failure of user code is the user's
+        raise RecipeError(f"--model {name}: cannot import {module_name} "
+                          f"({brief(error)})") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise RecipeError(f"--model {name}: {module_name} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise RecipeError(f"--model {name}: {attribute} is not callable")
+    return target
 
 
 def random_resized_crop_box(width: int, height: int, rng: Any,

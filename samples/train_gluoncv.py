@@ -163,21 +163,7 @@ def resolve_model(name: str) -> Callable[[int], gluon.HybridBlock]:
 
 
 def _import_callable(name: str) -> Callable[..., Any]:
-    import importlib
-
-    module_name, _, attribute = name.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - any failure of user code is the user's
-        raise RecipeError(f"--model {name}: cannot import {module_name} "
-                          f"({_brief(error)})") from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise RecipeError(f"--model {name}: {module_name} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise RecipeError(f"--model {name}: {attribute} is not callable")
-    return target
+    return recipe.import_callable(name, _brief)
 
 
 def build_model(name: str, builder: Callable[[int], Any], num_classes: int, use_doconv: bool,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import io
 import logging
 import math
@@ -151,19 +150,7 @@ def resolve_model(name: str) -> Callable[..., Any]:
     if ":" not in name:
         raise RecipeError(f"--model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}) "
                           "and not an import path package.module:callable")
-    module_name, _, attribute = name.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - any failure of user code is the user's
-        raise RecipeError(f"--model {name}: cannot import {module_name} "
-                          f"({_brief(error)})") from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise RecipeError(f"--model {name}: {module_name} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise RecipeError(f"--model {name}: {attribute} is not callable")
-    return target
+    return recipe.import_callable(name, _brief)
 
 
 def build_model(name: str, builder: Callable[..., Any], num_classes: int,
@@ -185,9 +172,7 @@ def build_model(name: str, builder: Callable[..., Any], num_classes: int,
     return model
 
 
-def _brief(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+_brief = recipe.brief_error
 
 
 # ------------------------------------------------------------------------------- data

@@ -411,19 +411,7 @@ def resolve_model(name: str) -> tuple[str, Callable[..., Any]]:
         raise RecipeError(f"--model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}),"
                           " not a keras.applications name (ResNet50, MobileNetV2, ...) and not "
                           "an import path package.module:callable")
-    module_name, _, attribute = name.partition(":")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as error:  # noqa: BLE001 - any failure of user code is the user's
-        raise RecipeError(f"--model {name}: cannot import {module_name} "
-                          f"({_brief(error)})") from None
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise RecipeError(f"--model {name}: {module_name} has no attribute {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise RecipeError(f"--model {name}: {attribute} is not callable")
-    return "callable", target
+    return "callable", recipe.import_callable(name, _brief)
 
 
 def build_model(name: str, kind: str, builder: Callable[..., Any], num_classes: int,

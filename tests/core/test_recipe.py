@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -362,3 +363,12 @@ def test_random_resized_crop_box_stays_inside_and_is_seeded():
                          for s in range(5)]
     assert recipe.random_resized_crop_box(100, 10, np.random.default_rng(0),
                                           scale=(1.0, 1.0)) == (43, 0, 56, 10)  # the fallback
+
+
+def test_import_callable_names_each_problem_in_one_line():
+    assert recipe.import_callable("os.path:join") is __import__("os").path.join
+    for name, message in [("no_such_module_xyz:f", "cannot import no_such_module_xyz (ModuleNotFoundError"),
+                          ("os.path:nothing", "os.path has no attribute 'nothing'"),
+                          ("os:sep", "sep is not callable")]:
+        with pytest.raises(recipe.RecipeError, match=re.escape(f"--model {name}: {message}")):
+            recipe.import_callable(name)
