@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,29 +38,11 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
 
 import doconv_mx  # noqa: E402
-from benchmarks.harness import command_line, machine_description, publish  # noqa: E402
+from benchmarks.harness import (SCALING_VARIANTS, command_line,  # noqa: E402
+                                machine_description, publish, scaling_arguments,
+                                scaling_rounds, scaling_summary, scaling_table)
 
-TARGET_MARGIN = 0.03
 SETTINGS = ("1 device", "2 devices (kvstore)")
-VARIANTS = ("native", "doconv")
-
-
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--markdown", default=None, help="also write the table here")
-    parser.add_argument("--repeats", type=int, default=15, help="rounds (default: 15)")
-    parser.add_argument("--inner", type=int, default=3, help="steps per sample (default: 3)")
-    parser.add_argument("--batch", type=int, default=32, help="per device (default: 32)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes and 2 rounds: checks that it runs, not the speed")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.repeats, args.inner, args.batch, args.size, args.warmup = 2, 1, 4, 16, 1
-    else:
-        args.size, args.warmup = 28, 3
-    if min(args.repeats, args.inner, args.batch) < 1:
-        parser.error("--repeats, --inner and --batch must be >= 1")
-    return args
 
 
 def contexts(count: int) -> list[mx.Context]:
@@ -103,58 +83,18 @@ def training_step(variant: str, ctx: list[mx.Context], batch: int,
     return step
 
 
-def _timed(step: Callable[[], None], inner: int) -> float:
-    start = time.perf_counter()
-    for _ in range(inner):
-        step()
-    return (time.perf_counter() - start) / inner
-
-
 def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     steps = {(setting, variant): training_step(variant, contexts(devices), args.batch,
                                                args.size)
-             for setting, devices in zip(SETTINGS, (1, 2)) for variant in VARIANTS}
-    samples: dict[str, dict[str, list[float]]] = {s: {v: [] for v in VARIANTS}
-                                                  for s in SETTINGS}
-    for round_ in range(args.warmup + args.repeats):
-        for setting in SETTINGS:
-            for variant in VARIANTS:
-                seconds = _timed(steps[setting, variant], args.inner)
-                if round_ >= args.warmup:
-                    samples[setting][variant].append(seconds)
-    return samples
-
-
-def summarise(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
-    """Per setting: each variant's median seconds and the median of the per-round ratios."""
-    result = {}
-    for setting, by_variant in samples.items():
-        native, doconv = by_variant["native"], by_variant["doconv"]
-        result[setting] = {"native": statistics.median(native),
-                           "doconv": statistics.median(doconv),
-                           "ratio": statistics.median(d / n for d, n in zip(doconv, native))}
-    return result
-
-
-def table(summary: dict[str, dict[str, float]], batch: int) -> str:
-    lines = ["| setting | native ms/step | doconv ms/step | doconv / native | images/s native |",
-             "|---|---|---|---|---|"]
-    for devices, setting in enumerate(SETTINGS, 1):
-        row = summary[setting]
-        lines.append(f"| {setting} | {row['native'] * 1e3:.2f} | {row['doconv'] * 1e3:.2f} | "
-                     f"{row['ratio']:.3f} | {batch * devices / row['native']:.0f} |")
-    margin = summary[SETTINGS[1]]["ratio"] - summary[SETTINGS[0]]["ratio"]
-    verdict = "met" if margin <= TARGET_MARGIN else "NOT met"
-    lines += ["", (f"two-device ratio - one-device ratio: {margin:+.3f} "
-                   f"(target <= +{TARGET_MARGIN:.2f}: {verdict})")]
-    return "\n".join(lines)
+             for setting, devices in zip(SETTINGS, (1, 2)) for variant in SCALING_VARIANTS}
+    return scaling_rounds(steps, SETTINGS, args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    args = parse_arguments(argv)
+    args = scaling_arguments(__doc__.split("\n\n")[0], argv, "device")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        summary = summarise(measure(args))
+        summary = scaling_summary(measure(args))
     kind = "gpu" if mx.context.num_gpus() >= 2 else "cpu"
     machine = machine_description({
         "mxnet": mx.__version__, "devices": f"1 and 2 {kind} contexts, one process",
@@ -164,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
                f"device (weak scaling), median of {args.repeats} rounds x {args.inner} steps; "
                "the ratio is the median of the per-round ratios")
     publish(command_line("benchmarks/bench_ddp_gluon.py", argv), machine,
-            [heading, table(summary, args.batch)], args.markdown)
+            [heading, scaling_table(summary, dict(zip(SETTINGS, (args.batch, 2 * args.batch))),
+                                    "two-device ratio - one-device ratio")], args.markdown)
     return summary
 
 

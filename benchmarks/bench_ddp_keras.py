@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEVICES = 2
-TARGET_MARGIN = 0.03
 SETTINGS = ("1 device", f"{DEVICES} devices")
-VARIANTS = ("native", "doconv")
 BACKEND = os.environ.get("KERAS_BACKEND", "tensorflow")
 
 # The devices exist before the backend starts: JAX reads XLA_FLAGS, TensorFlow fixes its
@@ -59,7 +55,9 @@ import numpy as np  # noqa: E402
 
 import doconv_tf  # noqa: E402
 from benchmarks.bench_keras import _basic_block, _conv_bn  # noqa: E402
-from benchmarks.harness import command_line, machine_description, publish  # noqa: E402
+from benchmarks.harness import (SCALING_VARIANTS, command_line,  # noqa: E402
+                                machine_description, publish, scaling_arguments,
+                                scaling_rounds, scaling_summary, scaling_table)
 
 
 def resnet20(size: int, num_classes: int = 10) -> keras.Model:
@@ -89,24 +87,6 @@ def scopes() -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
     return {SETTINGS[0]: contextlib.nullcontext, SETTINGS[1]: parallel.scope}
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--markdown", default=None, help="also write the table here")
-    parser.add_argument("--repeats", type=int, default=15, help="rounds (default: 15)")
-    parser.add_argument("--inner", type=int, default=3, help="steps per sample (default: 3)")
-    parser.add_argument("--batch", type=int, default=32, help="per device (default: 32)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes and 2 rounds: checks that it runs, not the speed")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.repeats, args.inner, args.batch, args.size, args.warmup = 2, 1, 4, 16, 1
-    else:
-        args.size, args.warmup = 28, 3
-    if min(args.repeats, args.inner, args.batch) < 1:
-        parser.error("--repeats, --inner and --batch must be >= 1")
-    return args
-
-
 def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
     """Seconds per training step, per setting and variant, one sample per round."""
     keras.utils.set_random_seed(0)
@@ -118,7 +98,7 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((images, args.size, args.size, 3)).astype("float32")
         y = rng.integers(0, 10, images)
-        for variant in VARIANTS:
+        for variant in SCALING_VARIANTS:
             with scope():
                 model = resnet20(args.size)
                 model.set_weights(weights)
@@ -132,54 +112,21 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
                     model.train_on_batch(x, y)
 
             steps[setting, variant] = step
-    samples: dict[str, dict[str, list[float]]] = {s: {v: [] for v in VARIANTS} for s in SETTINGS}
-    for round_ in range(args.warmup + args.repeats):
-        for setting in SETTINGS:
-            for variant in VARIANTS:
-                start = time.perf_counter()
-                for _ in range(args.inner):
-                    steps[setting, variant]()
-                if round_ >= args.warmup:
-                    samples[setting][variant].append((time.perf_counter() - start) / args.inner)
-    return samples
-
-
-def summarise(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
-    """Per setting: each variant's median seconds and the median of the per-round ratios."""
-    result = {}
-    for setting, by_variant in samples.items():
-        native, doconv = by_variant["native"], by_variant["doconv"]
-        result[setting] = {"native": statistics.median(native),
-                           "doconv": statistics.median(doconv),
-                           "ratio": statistics.median(d / n for d, n in zip(doconv, native))}
-    return result
-
-
-def table(summary: dict[str, dict[str, float]], batch: int) -> str:
-    lines = ["| setting | native ms/step | doconv ms/step | doconv / native | images/s native |",
-             "|---|---|---|---|---|"]
-    for setting in SETTINGS:
-        row = summary[setting]
-        images = batch * (DEVICES if setting == SETTINGS[1] else 1)
-        lines.append(f"| {setting} | {row['native'] * 1e3:.2f} | {row['doconv'] * 1e3:.2f} | "
-                     f"{row['ratio']:.3f} | {images / row['native']:.0f} |")
-    margin = summary[SETTINGS[1]]["ratio"] - summary[SETTINGS[0]]["ratio"]
-    verdict = "met" if margin <= TARGET_MARGIN else "NOT met"
-    lines += ["", (f"{DEVICES}-device ratio - 1-device ratio: {margin:+.3f} "
-                   f"(target <= +{TARGET_MARGIN:.2f}: {verdict})")]
-    return "\n".join(lines)
+    return scaling_rounds(steps, SETTINGS, args)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    args = parse_arguments(argv)
-    summary = summarise(measure(args))
+    args = scaling_arguments(__doc__.split("\n\n")[0], argv, "device")
+    summary = scaling_summary(measure(args))
     machine = machine_description({"keras": keras.__version__, "backend": BACKEND,
                                    "devices": f"1 and {DEVICES}"})
+    images = dict(zip(SETTINGS, (args.batch, args.batch * DEVICES)))
     heading = (f"ResNet-20 on Keras ({BACKEND}), {args.size}x{args.size}x3, batch {args.batch} "
                f"per device (weak scaling), median of {args.repeats} rounds x {args.inner} "
                "steps; the ratio is the median of the per-round ratios")
     publish(command_line("benchmarks/bench_ddp_keras.py", argv, f"KERAS_BACKEND={BACKEND}"),
-            machine, [heading, table(summary, args.batch)], args.markdown)
+            machine, [heading, scaling_table(summary, images, f"{DEVICES}-device ratio - "
+                                             "1-device ratio")], args.markdown)
     return summary
 
 

@@ -24,10 +24,8 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,12 +39,12 @@ from torch import nn  # noqa: E402
 
 import doconv_torch  # noqa: E402
 from benchmarks.bench_torch import BasicBlock  # noqa: E402
-from benchmarks.harness import command_line, machine_description, publish  # noqa: E402
+from benchmarks.harness import (command_line, machine_description, publish,  # noqa: E402
+                                scaling_arguments, scaling_rounds, scaling_summary,
+                                scaling_table)
 
 WORLD_SIZE = 2
-TARGET_MARGIN = 0.03
 SETTINGS = ("1 process", "2 processes (DDP)")
-VARIANTS = ("native", "doconv")
 
 
 def resnet20(num_classes: int = 10) -> nn.Module:
@@ -65,24 +63,6 @@ def resnet20(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--markdown", default=None, help="also write the table here")
-    parser.add_argument("--repeats", type=int, default=15, help="rounds (default: 15)")
-    parser.add_argument("--inner", type=int, default=3, help="steps per sample (default: 3)")
-    parser.add_argument("--batch", type=int, default=32, help="per process (default: 32)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes and 2 rounds: checks that it runs, not the speed")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.repeats, args.inner, args.batch, args.size, args.warmup = 2, 1, 4, 16, 1
-    else:
-        args.size, args.warmup = 28, 3
-    if min(args.repeats, args.inner, args.batch) < 1:
-        parser.error("--repeats, --inner and --batch must be >= 1")
-    return args
-
-
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
           y: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
@@ -90,13 +70,6 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
     return step
-
-
-def _timed(step: Callable[[], None], inner: int) -> float:
-    start = time.perf_counter()
-    for _ in range(inner):
-        step()
-    return (time.perf_counter() - start) / inner
 
 
 def worker(rank: int, args: argparse.Namespace, directory: str) -> None:
@@ -117,17 +90,10 @@ def worker(rank: int, args: argparse.Namespace, directory: str) -> None:
             steps[SETTINGS[0], variant] = _step(single, _sgd(single), x, y)
             ddp = nn.parallel.DistributedDataParallel(_copy(model))
             steps[SETTINGS[1], variant] = _step(ddp, _sgd(ddp), x, y)
-        samples: dict[str, dict[str, list[float]]] = {s: {v: [] for v in VARIANTS}
-                                                      for s in SETTINGS}
-        for round_ in range(args.warmup + args.repeats):
-            for setting in SETTINGS:
-                for variant in VARIANTS:
-                    if setting == SETTINGS[0] and rank != 0:
-                        continue  # rank 1 idles in the barrier: one busy process
-                    seconds = _timed(steps[setting, variant], args.inner)
-                    if round_ >= args.warmup:
-                        samples[setting][variant].append(seconds)
-                dist.barrier()
+        # rank 1 idles in the barrier while rank 0 times the one-process setting
+        samples = scaling_rounds(steps, SETTINGS, args,
+                                 skip=lambda setting: setting == SETTINGS[0] and rank != 0,
+                                 after_setting=dist.barrier)
         if rank == 0:
             (Path(directory) / "samples.json").write_text(json.dumps(samples))
         dist.barrier()
@@ -144,46 +110,22 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
 
-def summarise(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
-    """Per setting: each variant's median seconds and the median of the per-round ratios."""
-    result = {}
-    for setting, by_variant in samples.items():
-        native, doconv = by_variant["native"], by_variant["doconv"]
-        result[setting] = {"native": statistics.median(native),
-                           "doconv": statistics.median(doconv),
-                           "ratio": statistics.median(d / n for d, n in zip(doconv, native))}
-    return result
-
-
-def table(summary: dict[str, dict[str, float]], batch: int) -> str:
-    lines = ["| setting | native ms/step | doconv ms/step | doconv / native | images/s native |",
-             "|---|---|---|---|---|"]
-    for setting in SETTINGS:
-        row = summary[setting]
-        images = batch * (WORLD_SIZE if setting == SETTINGS[1] else 1)
-        lines.append(f"| {setting} | {row['native'] * 1e3:.2f} | {row['doconv'] * 1e3:.2f} | "
-                     f"{row['ratio']:.3f} | {images / row['native']:.0f} |")
-    margin = summary[SETTINGS[1]]["ratio"] - summary[SETTINGS[0]]["ratio"]
-    verdict = "met" if margin <= TARGET_MARGIN else "NOT met"
-    lines += ["", (f"DDP ratio - single-process ratio: {margin:+.3f} "
-                   f"(target <= +{TARGET_MARGIN:.2f}: {verdict})")]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    args = parse_arguments(argv)
+    args = scaling_arguments(__doc__.split("\n\n")[0], argv, "process")
     with tempfile.TemporaryDirectory() as directory:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         mp.spawn(worker, args=(args, directory), nprocs=WORLD_SIZE, join=True)
         samples = json.loads((Path(directory) / "samples.json").read_text())
-    summary = summarise(samples)
+    summary = scaling_summary(samples)
     machine = machine_description({"torch": torch.__version__, "threads": "1 per process",
                                    "processes": f"1 and {WORLD_SIZE} (gloo)"})
     heading = (f"ResNet-20, 3x{args.size}x{args.size}, batch {args.batch} per process (weak "
                f"scaling), median of {args.repeats} rounds x {args.inner} steps; the ratio is "
                "the median of the per-round ratios")
-    publish(command_line("benchmarks/bench_ddp_torch.py", argv), machine,
-            [heading, table(summary, args.batch)], args.markdown)
+    images = dict(zip(SETTINGS, (args.batch, args.batch * WORLD_SIZE)))
+    table = scaling_table(summary, images, "DDP ratio - single-process ratio")
+    publish(command_line("benchmarks/bench_ddp_torch.py", argv), machine, [heading, table],
+            args.markdown)
     return summary
 
 

@@ -208,3 +208,89 @@ def publish(command: str, machine: str, blocks: Sequence[str], markdown: str | N
     if markdown:
         with open(markdown, "w") as handle:
             handle.write(f"Command: `{command}`\n\nMachine: {machine}\n\n{body}\n")
+
+
+# ----------------------------------------------------- data parallel: 2 devices against 1
+
+SCALING_VARIANTS = ("native", "doconv")
+# DO-Conv/native on 2 devices may exceed DO-Conv/native on 1 by this much at most: the
+# all-reduce of D, DO-Conv's extra parameter, must cost no more.
+SCALING_TARGET_MARGIN = 0.03
+
+
+def scaling_arguments(description: str, argv: Sequence[str] | None,
+                      unit: str) -> argparse.Namespace:
+    """The data-parallel benchmarks' command line; ``unit``: what --batch is per
+    ("process", "device"). Sets ``size`` and ``warmup`` too (tiny ones with --smoke)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--markdown", default=None, help="also write the table here")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (default: 15)")
+    parser.add_argument("--inner", type=int, default=3, help="steps per sample (default: 3)")
+    parser.add_argument("--batch", type=int, default=32, help=f"per {unit} (default: 32)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes and 2 rounds: checks that it runs, not the speed")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.inner, args.batch, args.size, args.warmup = 2, 1, 4, 16, 1
+    else:
+        args.size, args.warmup = 28, 3
+    if min(args.repeats, args.inner, args.batch) < 1:
+        parser.error("--repeats, --inner and --batch must be >= 1")
+    return args
+
+
+def scaling_rounds(steps: Mapping[tuple[str, str], Callable[[], object]],
+                   settings: Sequence[str], args: argparse.Namespace, *,
+                   skip: Callable[[str], bool] = lambda setting: False,
+                   after_setting: Callable[[], object] = lambda: None
+                   ) -> dict[str, dict[str, list[float]]]:
+    """Seconds per step of every (setting, variant) in ``steps``: ``args.warmup`` rounds, then
+    ``args.repeats`` kept, each round timing the settings in turn and within each the
+    variants alternately, so the machine's drifts fall on all alike. ``skip``: settings
+    this process only waits through; ``after_setting``: e.g. a barrier of all processes."""
+    samples: dict[str, dict[str, list[float]]] = {s: {v: [] for v in SCALING_VARIANTS}
+                                                  for s in settings}
+    for round_ in range(args.warmup + args.repeats):
+        for setting in settings:
+            for variant in SCALING_VARIANTS:
+                if skip(setting):
+                    continue
+                start = time.perf_counter()
+                for _ in range(args.inner):
+                    steps[setting, variant]()
+                if round_ >= args.warmup:
+                    samples[setting][variant].append((time.perf_counter() - start)
+                                                     / args.inner)
+            after_setting()
+    return samples
+
+
+def scaling_summary(samples: Mapping[str, Mapping[str, Sequence[float]]]
+                    ) -> dict[str, dict[str, float]]:
+    """Per setting: each variant's median seconds and the median of the per-round ratios."""
+    result = {}
+    for setting, by_variant in samples.items():
+        native, doconv = by_variant["native"], by_variant["doconv"]
+        result[setting] = {"native": statistics.median(native),
+                           "doconv": statistics.median(doconv),
+                           "ratio": statistics.median(d / n for d, n in zip(doconv, native))}
+    return result
+
+
+def scaling_table(summary: Mapping[str, Mapping[str, float]], images: Mapping[str, int],
+                  margin_name: str) -> str:
+    """The markdown table, in ``images``' order (setting -> images per step, for the
+    throughput column; the first setting is the one-device baseline, the last the
+    data-parallel one), and the verdict on SCALING_TARGET_MARGIN."""
+    lines = ["| setting | native ms/step | doconv ms/step | doconv / native | images/s native |",
+             "|---|---|---|---|---|"]
+    for setting, count in images.items():
+        row = summary[setting]
+        lines.append(f"| {setting} | {row['native'] * 1e3:.2f} | {row['doconv'] * 1e3:.2f} | "
+                     f"{row['ratio']:.3f} | {count / row['native']:.0f} |")
+    settings = list(images)
+    margin = summary[settings[-1]]["ratio"] - summary[settings[0]]["ratio"]
+    verdict = "met" if margin <= SCALING_TARGET_MARGIN else "NOT met"
+    lines += ["", (f"{margin_name}: {margin:+.3f} "
+                   f"(target <= +{SCALING_TARGET_MARGIN:.2f}: {verdict})")]
+    return "\n".join(lines)

@@ -155,6 +155,32 @@ def check_resume_settings(saved: Mapping[str, Any], current: Mapping[str, Any],
                               f"run has {flag} {_show(current[name])}")
 
 
+def check_resume_record(record: Mapping[str, Any], args: argparse.Namespace, source: str,
+                        world_size: int, unit: str) -> None:
+    """RecipeError where this run cannot continue the checkpoint ``record`` (a dict holding
+    model_name, doconv, settings, world_size, epoch and metrics_epochs): another model or
+    --doconv setting, another resume flag, another count of ``unit`` ("process(es)" or
+    "device(s)"), or more epochs than --epochs. ``source`` starts each message."""
+    if record.get("model_name") != args.model:
+        raise RecipeError(f"{source} is of --model {record.get('model_name')}, "
+                          f"not {args.model}")
+    if record.get("doconv") != args.doconv:
+        raise RecipeError(f"{source} was trained "
+                          f"{'with' if record.get('doconv') else 'without'} --doconv")
+    settings = record.get("settings")
+    check_resume_settings(settings if isinstance(settings, Mapping) else {},
+                          resume_settings(args), source)
+    if record.get("world_size") != world_size:
+        raise RecipeError(f"{source} was written by {record.get('world_size')} {unit}, this "
+                          f"run has {world_size} (the data order and the result depend on it)")
+    epoch = record.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 \
+            or not isinstance(record.get("metrics_epochs"), list):
+        raise RecipeError(f"{source}: not a checkpoint of this recipe (no epoch)")
+    if epoch > args.epochs:
+        raise RecipeError(f"{source} has {epoch} epochs, more than --epochs {args.epochs}")
+
+
 def _primitive(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 

@@ -393,24 +393,7 @@ def load_manifest(output: Path, args: argparse.Namespace, world_size: int) -> di
         raise RecipeError(f"--resume: cannot read {path} ({_brief(error)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
         raise RecipeError(f"--resume: {path} is not a checkpoint of this recipe")
-    if manifest.get("model_name") != args.model:
-        raise RecipeError(f"--resume: {path} is of --model {manifest.get('model_name')}, "
-                          f"not {args.model}")
-    if manifest.get("doconv") != args.doconv:
-        raise RecipeError(f"--resume: {path} was trained "
-                          f"{'with' if manifest.get('doconv') else 'without'} --doconv")
-    recipe.check_resume_settings(manifest.get("settings", {}), recipe.resume_settings(args),
-                                 f"--resume: {path}")
-    if manifest.get("world_size") != world_size:
-        raise RecipeError(f"--resume: {path} was written with --devices "
-                          f"{manifest.get('world_size')}, this run has --devices {world_size} "
-                          "(the data order and the result depend on it)")
-    if not isinstance(manifest.get("epoch"), int) or manifest["epoch"] < 0 \
-            or not isinstance(manifest.get("metrics_epochs"), list):
-        raise RecipeError(f"--resume: {path} is not a checkpoint of this recipe (no epoch)")
-    if manifest["epoch"] > args.epochs:
-        raise RecipeError(f"--resume: {path} has {manifest['epoch']} epochs, more than "
-                          f"--epochs {args.epochs}")
+    recipe.check_resume_record(manifest, args, f"--resume: {path}", world_size, "device(s)")
     for part in ("params", "states"):
         entry = manifest.get(part)
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) \

@@ -305,21 +305,8 @@ def load_checkpoint(path: Path, args: argparse.Namespace, world_size: int) -> di
         raise RecipeError(f"--resume: cannot read {path} ({_brief(error)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise RecipeError(f"--resume: {path} is not a checkpoint of this recipe")
-    if checkpoint["model_name"] != args.model:
-        raise RecipeError(f"--resume: {path} is of --model {checkpoint['model_name']}, "
-                          f"not {args.model}")
-    if checkpoint["doconv"] != args.doconv:
-        raise RecipeError(f"--resume: {path} was trained "
-                          f"{'with' if checkpoint['doconv'] else 'without'} --doconv")
-    recipe.check_resume_settings(checkpoint["settings"], recipe.resume_settings(args),
-                                 f"--resume: {path}")
-    if checkpoint["world_size"] != world_size:
-        raise RecipeError(f"--resume: {path} was written by {checkpoint['world_size']} "
-                          f"process(es), this run has {world_size} (the data order and the "
-                          "result depend on it)")
-    if checkpoint["epoch"] > args.epochs:
-        raise RecipeError(f"--resume: {path} has {checkpoint['epoch']} epochs, more than "
-                          f"--epochs {args.epochs}")
+    recipe.check_resume_record(checkpoint, args, f"--resume: {path}", world_size,
+                               "process(es)")
     return checkpoint
 
 

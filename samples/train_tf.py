@@ -498,23 +498,10 @@ def load_state(args: argparse.Namespace, devices: int, backend: str) -> dict[str
         raise RecipeError(f"--resume: {path} is not a backup of this recipe")
     if not (backup / "latest.weights.h5").is_file():
         raise RecipeError(f"--resume: {backup} has no latest.weights.h5")
-    if state["model_name"] != args.model:
-        raise RecipeError(f"--resume: {backup} is of --model {state['model_name']}, "
-                          f"not {args.model}")
-    if state["doconv"] != args.doconv:
-        raise RecipeError(f"--resume: {backup} was trained "
-                          f"{'with' if state['doconv'] else 'without'} --doconv")
-    recipe.check_resume_settings(state["settings"], recipe.resume_settings(args),
-                                 f"--resume: {backup}")
-    if state["world_size"] != devices:
-        raise RecipeError(f"--resume: {backup} was written by {state['world_size']} device(s), "
-                          f"this run has {devices} (the data order and the result depend on it)")
-    if state["backend"] != backend:
-        raise RecipeError(f"--resume: {backup} was written on the {state['backend']} backend, "
-                          f"this run is on {backend}")
-    if state["epoch"] > args.epochs:
-        raise RecipeError(f"--resume: {backup} has {state['epoch']} epochs, more than "
-                          f"--epochs {args.epochs}")
+    recipe.check_resume_record(state, args, f"--resume: {backup}", devices, "device(s)")
+    if state.get("backend") != backend:
+        raise RecipeError(f"--resume: {backup} was written on the {state.get('backend')} "
+                          f"backend, this run is on {backend}")
     return state
 
 

@@ -1,6 +1,8 @@
 import pytest
 
-from benchmarks.harness import Row, format_table, interleaved_times, machine_description, medians
+from benchmarks.harness import (Row, format_table, interleaved_times, machine_description, medians,
+                                scaling_arguments, scaling_rounds, scaling_summary,
+                                scaling_table)
 
 
 def test_interleaved_times_round_robin():
@@ -20,3 +22,37 @@ def test_table_shows_medians_and_ratios():
     assert table.splitlines()[0] == "| case | measure | unit | native | doconv | doconv / native |"
     assert table.splitlines()[2] == "| conv 64ch | train | ms | 2.00 | 3.00 | 1.500 |"
     assert "logical cores" in machine_description({"numpy": "2"})
+
+
+def test_scaling_rounds_alternate_variants_within_each_setting_and_skip_warmup():
+    calls = []
+    steps = {(s, v): (lambda s=s, v=v: calls.append((s, v)))
+             for s in ("one", "two") for v in ("native", "doconv")}
+    args = scaling_arguments("d", ["--repeats", "2", "--inner", "1"], "device")
+    args.warmup = 1
+    barriers = []
+    samples = scaling_rounds(steps, ("one", "two"), args, skip=lambda s: s == "one",
+                             after_setting=lambda: barriers.append(1))
+    assert calls == [("two", "native"), ("two", "doconv")] * 3
+    assert len(barriers) == 2 * 3  # after every setting of every round, skipped ones too
+    assert samples["one"] == {"native": [], "doconv": []}
+    assert [len(v) for v in samples["two"].values()] == [2, 2]
+
+
+def test_scaling_table_reports_the_margin_against_the_target():
+    samples = {"1 device": {"native": [1.0, 2.0, 3.0], "doconv": [1.1, 2.2, 3.3]},
+               "2 devices": {"native": [2.0, 2.0, 2.0], "doconv": [2.4, 2.4, 2.4]}}
+    summary = scaling_summary(samples)
+    assert summary["1 device"] == pytest.approx({"native": 2.0, "doconv": 2.2, "ratio": 1.1})
+    table = scaling_table(summary, {"1 device": 32, "2 devices": 64}, "margin").splitlines()
+    assert table[2] == "| 1 device | 2000.00 | 2200.00 | 1.100 | 16 |"
+    assert table[3] == "| 2 devices | 2000.00 | 2400.00 | 1.200 | 32 |"
+    assert table[-1] == "margin: +0.100 (target <= +0.03: NOT met)"
+
+
+def test_scaling_arguments_smoke_sizes_and_bad_counts(capsys):
+    args = scaling_arguments("d", ["--smoke"], "process")
+    assert (args.repeats, args.inner, args.batch, args.size, args.warmup) == (2, 1, 4, 16, 1)
+    with pytest.raises(SystemExit):
+        scaling_arguments("d", ["--batch", "0"], "process")
+    assert "--repeats, --inner and --batch must be >= 1" in capsys.readouterr().err

@@ -202,6 +202,28 @@ def test_resume_settings_name_the_flag_that_differs(tmp_path):
                                      recipe.resume_settings(parse("--amp")), "ck")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({}, None),
+    ({"model_name": "resnet56"}, "ck is of --model resnet56, not resnet20$"),
+    ({"doconv": True}, "ck was trained with --doconv$"),
+    ({"settings": None}, r"ck: not a checkpoint of this recipe \(no 'model'\)"),
+    ({"world_size": 2}, r"ck was written by 2 device\(s\), this run has 1 \(the data order"),
+    ({"epoch": "3"}, r"ck: not a checkpoint of this recipe \(no epoch\)"),
+    ({"epoch": True}, r"ck: not a checkpoint of this recipe \(no epoch\)"),
+    ({"metrics_epochs": None}, r"ck: not a checkpoint of this recipe \(no epoch\)"),
+    ({"epoch": 91}, "ck has 91 epochs, more than --epochs 90$"),
+])
+def test_resume_record_names_what_this_run_cannot_continue(change, message):
+    args = parse()
+    record = {"model_name": "resnet20", "doconv": False, "world_size": 1, "epoch": 3,
+              "settings": recipe.resume_settings(args), "metrics_epochs": []} | change
+    if message is None:
+        recipe.check_resume_record(record, args, "ck", 1, "device(s)")
+    else:
+        with pytest.raises(RecipeError, match=message):
+            recipe.check_resume_record(record, args, "ck", 1, "device(s)")
+
+
 def test_check_args_refuses_clobbering_and_bad_crops(tmp_path):
     (tmp_path / recipe.CHECKPOINT).write_bytes(b"x")
     with pytest.raises(RecipeError, match="pass --resume"):

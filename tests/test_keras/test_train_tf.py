@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import struct
 import subprocess
 import sys
-import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import keras
+
+from tests import recipe_checks
+from tests.recipe_checks import png_bytes, write_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = str(REPO / "samples" / "train_tf.py")
@@ -61,42 +60,9 @@ def run_recipe(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """An 8-bit grayscale (H, W) or RGB (H, W, 3) PNG, written with zlib alone (Pillow is
-    in none of the Keras envs)."""
-    pixels = np.ascontiguousarray(pixels, np.uint8)
-    height, width = pixels.shape[:2]
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body)))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
-    rows = b"".join(b"\x00" + pixels[row].tobytes() for row in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-            + chunk(b"IEND", b""))
-
-
-def write_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 3) -> Path:
-    """Learnable 16x16 PNGs (class k: a bright vertical band at columns 5k..5k+4), the
-    layout of the PyTorch recipe's tests; 9 validation images, so the last global batch
-    of 8 is padded."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("val", val)):
-        for label in range(classes):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                pixels = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
-                pixels[:, 5 * label:5 * label + 5] = 255
-                image = pixels[..., 0] if index == 0 else pixels  # grayscale is replicated
-                (folder / f"{index}.png").write_bytes(png_bytes(image))
-    return root
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    return write_image_folder(tmp_path_factory.mktemp("images"))
+    return write_image_folder(tmp_path_factory.mktemp("images"), jpeg=False)
 
 
 @pytest.fixture(scope="module")
@@ -199,21 +165,9 @@ def test_builtin_resnet20_matches_the_pytorch_recipes_network():
 def test_sigterm_stops_between_steps_keeping_the_last_backup(tmp_path, data):
     command = [sys.executable, SCRIPT, *data, "--epochs", "1000", "--output", str(tmp_path),
                *RECIPE]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=environment(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (tmp_path / "backup" / "recipe.json").exists():
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no backup appeared"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 143, stderr[-3000:]
+    returncode, stderr = recipe_checks.terminate_after(command, tmp_path / "backup" / "recipe.json",
+                                                       environment(), REPO, TIMEOUT_S)
+    assert returncode == 143, stderr[-3000:]
     assert "stopped by SIGTERM; the last completed epoch's backup is kept" in stderr
     assert "Traceback" not in stderr
     state = json.loads((tmp_path / "backup" / "recipe.json").read_text())
@@ -244,30 +198,9 @@ def test_learning_rate_per_step_is_the_shared_schedule(monkeypatch, flags):
 def _bad_cases(root: Path, folder: Path, data: list[str], straight: Path
                ) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments, the expected message's core); each case in its own folder."""
-    empty = root / "empty"
-    empty.mkdir()
-    no_classes = root / "no_classes"
-    (no_classes / "train").mkdir(parents=True)
-    (no_classes / "val").mkdir()
-    mismatched = write_image_folder(root / "mismatched", train=1, val=1)
-    (mismatched / "val" / "class2").rename(mismatched / "val" / "other")
-    unreadable = write_image_folder(root / "unreadable", train=1, val=1)
-    bad_image = unreadable / "train" / "class1" / "bad.png"
-    bad_image.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
-    resume = ["--resume", "--epochs", "2"]
-    at_straight = [*data, *resume, "--output", str(straight)]
+    at_straight = [*data, "--resume", "--epochs", "2", "--output", str(straight)]
     cases = {
-        "missing data": (["--model", TINY, "--data", str(root / "nowhere")],
-                         f"--data {root / 'nowhere'}: no such folder"),
-        "empty data folder": (["--model", TINY, "--data", str(empty)],
-                              f"--data {empty}: no train/ folder"),
-        "no class folders": (["--model", TINY, "--data", str(no_classes)],
-                             f"--data {no_classes / 'train'}: no class folders"),
-        "mismatched classes": (["--model", TINY, "--data", str(mismatched)],
-                               ("train/ and val/ have different class folders (only in "
-                                "train/: class2; only in val/: other)")),
-        "unreadable image": (["--model", TINY, "--data", str(unreadable)],
-                             f"cannot read image {bad_image} (a broken PNG header)"),
+        **recipe_checks.bad_data_cases(root, TINY),
         "model does not import": (["--model", "tests.test_keras.no_such_module:tiny", *data],
                                   "cannot import tests.test_keras.no_such_module"),
         "model is not a keras model": (["--model", "tests.test_keras.train_models:not_a_model",
@@ -278,15 +211,7 @@ def _bad_cases(root: Path, folder: Path, data: list[str], straight: Path
         "application below its minimum input size": (
             ["--model", "ResNet50", "--data", "mnist", "--limit", "24", "--quiet"],
             "--model ResNet50: building it for 10 classes and input 28x28x3 failed"),
-        "missing checkpoint": (["--model", TINY, *data, *resume], "--resume: no checkpoint at"),
-        "checkpoint of another model": (["--model", "resnet20", "--doconv", *at_straight],
-                                        "is of --model " + TINY),
-        "checkpoint with another doconv setting": (
-            [a for a in RECIPE if a != "--doconv"] + at_straight, "was trained with --doconv"),
-        "checkpoint with other settings": (RECIPE + at_straight + ["--seed", "1"],
-                                           "was written with --seed 0, this run has --seed 1"),
-        "existing checkpoint without --resume": (RECIPE + [*data, "--output", str(straight)],
-                                                 f"{straight / 'backup'} exists: pass --resume"),
+        **recipe_checks.bad_resume_cases(RECIPE, data, straight, "backup", "resnet20"),
         "onnx": (["--model", TINY, *data, "--onnx"], "--onnx: the Keras recipe deploys"),
     }
     if DEVICES > 1:
@@ -313,59 +238,31 @@ def bad_runs(tmp_path_factory, folder, data, straight):
     message)} and whether the refused backup was left as it was."""
     root = tmp_path_factory.mktemp("bad")
     cases = _bad_cases(root, folder, data, straight)
-
-    def snapshot() -> dict[str, bytes]:
-        return {str(p.relative_to(straight)): p.read_bytes()
-                for p in sorted(straight.rglob("*")) if p.is_file()}
-
-    before = snapshot()
-    started = {}
-    for index, (name, (arguments, message)) in enumerate(cases.items()):
-        if "--output" not in arguments:
-            arguments = [*arguments, "--output", str(root / f"out{index}")]
-        output = Path(arguments[arguments.index("--output") + 1])
-        started[name] = (subprocess.Popen([sys.executable, SCRIPT, *arguments],
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, env=environment(), cwd=REPO),
-                         output, message)
-    results = {}
-    for name, (process, output, message) in started.items():
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-        results[name] = (process.returncode, stdout, stderr, output, message)
-    return results, before == snapshot()
+    before = recipe_checks.snapshot(straight)
+    results = recipe_checks.run_refused(SCRIPT, cases, root, environment(), REPO, TIMEOUT_S)
+    return results, before == recipe_checks.snapshot(straight)
 
 
 def test_bad_input_is_one_line_and_writes_nothing(bad_runs, straight):
     results, straight_unchanged = bad_runs
-    assert len(results) >= 15
-    for name, (status, stdout, stderr, output, message) in results.items():
-        assert status == 2, (name, stderr)
-        assert stderr.count("\n") == 1 and stderr.startswith("train_tf.py: error: "), \
-            (name, stderr)
-        assert message in stderr, (name, stderr)
-        assert "Traceback" not in stderr, name
-        assert "train_tf.py:" not in stdout, (name, stdout)  # nothing began
-        if output == straight:
-            assert straight_unchanged, name  # the backup that was refused is as it was
-        else:
-            assert not output.exists(), name
+    assert len(results) >= 16
+    for name, result in results.items():
+        recipe_checks.assert_refused("train_tf.py", name, result, {straight: straight_unchanged})
 
 
 if FOLDER_DATA:
     def test_image_that_fails_to_decode_while_training_is_one_line(tmp_path):
         # A PNG whose header is fine and whose pixel data is cut short passes the up-front
         # check and fails in tf.io while training: one line, exit 1, no backup.
-        folder = write_image_folder(tmp_path / "images", train=2, val=1)
+        folder = write_image_folder(tmp_path / "images", train=2, val=1, jpeg=False)
         whole = png_bytes(np.random.default_rng(1).integers(0, 255, (32, 32, 3)))
         cut = folder / "train" / "class0" / "cut.png"
         cut.write_bytes(whole[:60])
         result = run([sys.executable, SCRIPT, "--data", str(folder), "--epochs", "1",
                       "--output", str(tmp_path / "out"), *RECIPE])
-        assert result.returncode == 1, result.stderr[-3000:]
-        assert result.stderr.startswith(f"train_tf.py: error: cannot read image {cut} ("), \
-            result.stderr[-3000:]
-        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-        assert not (tmp_path / "out" / "backup").exists()
+        recipe_checks.assert_failed_while_training("train_tf.py", result,
+                                                   f"cannot read image {cut} (",
+                                                   tmp_path / "out" / "backup")
 
 
 # ------------------------------------------------------------------------ benchmark

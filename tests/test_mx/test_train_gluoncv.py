@@ -8,25 +8,23 @@ Each run is a subprocess with one OpenMP thread; the bad-input runs start togeth
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mxnet as mx
 import numpy as np
 import pytest
 from mxnet import autograd, gluon
-from PIL import Image
 
 import doconv_mx
 from samples import recipe, recipe_table, train_gluoncv
+from tests import recipe_checks
+from tests.recipe_checks import write_image_folder
 from tests.test_mx import train_models
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,24 +53,6 @@ def run_recipe(*args: str) -> subprocess.CompletedProcess:
     result = run([sys.executable, SCRIPT, *args])
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def write_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 3) -> Path:
-    """Learnable 16x16 PNGs and JPEGs (class k: a bright vertical band at columns 5k..5k+4),
-    one grayscale image per class (decoded to 3 channels); 9 validation images, an odd
-    count, so the last validation batch is split unevenly over the two devices."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("val", val)):
-        for label in range(classes):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                pixels = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
-                pixels[:, 5 * label:5 * label + 5] = 255
-                mode = "L" if index == 0 else "RGB"
-                Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(
-                    folder / f"{index}.{'jpg' if index == 1 else 'png'}")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -239,21 +219,9 @@ def test_a_failure_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, m
 def test_sigterm_keeps_a_loadable_checkpoint_and_exits_143(tmp_path, folder):
     command = [sys.executable, SCRIPT, "--data", str(folder), "--epochs", "1000",
                "--output", str(tmp_path), *TWO, *RECIPE]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=environment(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (tmp_path / "checkpoint.json").exists():
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 143, stderr
+    returncode, stderr = recipe_checks.terminate_after(command, tmp_path / "checkpoint.json",
+                                                       environment(), REPO, TIMEOUT_S)
+    assert returncode == 143, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     saved = manifest(tmp_path)
     assert 1 <= saved["epoch"] < 1000 and len(saved["metrics_epochs"]) == saved["epoch"]
@@ -266,20 +234,6 @@ def test_sigterm_keeps_a_loadable_checkpoint_and_exits_143(tmp_path, folder):
 
 def _bad_cases(root: Path, folder: Path, straight: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments, the expected message's core); each case in its own folder."""
-    empty = root / "empty"
-    empty.mkdir()
-    no_classes = root / "no_classes"
-    (no_classes / "train").mkdir(parents=True)
-    (no_classes / "val").mkdir()
-    empty_class = root / "empty_class"
-    (empty_class / "train" / "a").mkdir(parents=True)
-    (empty_class / "val" / "a").mkdir(parents=True)
-    (empty_class / "train" / "a" / "notes.txt").write_text("not an image")
-    mismatched = write_image_folder(root / "mismatched", train=1, val=1)
-    (mismatched / "val" / "class2").rename(mismatched / "val" / "other")
-    unreadable = write_image_folder(root / "unreadable", train=1, val=1)
-    bad_image = unreadable / "train" / "class1" / "bad.png"
-    bad_image.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
     tampered = root / "tampered"
     shutil.copytree(straight, tampered)
     params = tampered / manifest(tampered)["params"]["file"]
@@ -287,19 +241,7 @@ def _bad_cases(root: Path, folder: Path, straight: Path) -> dict[str, tuple[list
     data = ["--data", str(folder)]
     resume = ["--resume", "--epochs", "2"]
     return {
-        "missing data": (["--model", TINY, "--data", str(root / "nowhere")],
-                         f"--data {root / 'nowhere'}: no such folder"),
-        "empty data folder": (["--model", TINY, "--data", str(empty)],
-                              f"--data {empty}: no train/ folder"),
-        "no class folders": (["--model", TINY, "--data", str(no_classes)],
-                             f"--data {no_classes / 'train'}: no class folders"),
-        "empty class folder": (["--model", TINY, "--data", str(empty_class)],
-                               "no images (.jpg, .jpeg, .png) in class folder a"),
-        "mismatched classes": (["--model", TINY, "--data", str(mismatched)],
-                               ("train/ and val/ have different class folders (only in "
-                                "train/: class2; only in val/: other)")),
-        "unreadable image": (["--model", TINY, "--data", str(unreadable)],
-                             f"cannot read image {bad_image}"),
+        **recipe_checks.bad_data_cases(root, TINY),
         "model does not import": (["--model", "tests.test_mx.no_such_module:tiny", *data],
                                   "cannot import tests.test_mx.no_such_module"),
         "model is not a HybridBlock": (["--model", "tests.test_mx.train_models:not_a_block",
@@ -309,26 +251,14 @@ def _bad_cases(root: Path, folder: Path, straight: Path) -> dict[str, tuple[list
                                    "(close: cifar_resnet20_v1"),
         "flag Gluon cannot honour": (["--model", TINY, *data, "--onnx"],
                                      "--onnx: the Gluon recipe exports MXNet's symbol"),
-        "missing checkpoint": (["--model", TINY, *data, *resume],
-                               "--resume: no checkpoint at"),
-        "checkpoint of another model": (["--model", "cifar_resnet20_v1", "--doconv", *data, *resume,
-                                         "--output", str(straight)], "is of --model " + TINY),
-        "checkpoint with another doconv setting": (
-            [a for a in RECIPE if a != "--doconv"] + [*data, *TWO, *resume, "--output",
-                                                      str(straight)],
-            "was trained with --doconv"),
+        **recipe_checks.bad_resume_cases([*RECIPE, *TWO], data, straight, "checkpoint.json",
+                                         "cifar_resnet20_v1"),
         "checkpoint of another device count": (RECIPE + [*data, *resume, "--output",
                                                          str(straight)],
-                                               "written with --devices 2, this run has "
-                                               "--devices 1"),
-        "checkpoint with other settings": (RECIPE + [*data, *TWO, *resume, "--output",
-                                                     str(straight), "--seed", "1"],
-                                           "was written with --seed 0, this run has --seed 1"),
+                                               "was written by 2 device(s), this run has 1"),
         "checkpoint with a changed params file": (RECIPE + [*data, *TWO, *resume, "--output",
                                                             str(tampered)],
                                                   "is not the file"),
-        "existing checkpoint without --resume": (RECIPE + [*data, "--output", str(straight)],
-                                                 "exists: pass --resume"),
     }
 
 
@@ -343,44 +273,22 @@ BAD_CASES = ["missing data", "empty data folder", "no class folders", "empty cla
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory, folder, straight):
-    """Every bad-input case, started together; (result, output folder, expected message)."""
+    """Every bad-input case, started together: the results, and per refused checkpoint
+    folder whether it was left as it was."""
     root = tmp_path_factory.mktemp("bad")
     cases = _bad_cases(root, folder, straight)
-    assert list(cases) == BAD_CASES
-    before = {p.name: p.read_bytes() for p in straight.iterdir()}
-    tampered_before = {p.name: p.read_bytes() for p in (root / "tampered").iterdir()}
-    started = {}
-    for index, (name, (arguments, message)) in enumerate(cases.items()):
-        if "--output" not in arguments:
-            arguments = [*arguments, "--output", str(root / f"out{index}")]
-        output = Path(arguments[arguments.index("--output") + 1])
-        started[name] = (subprocess.Popen([sys.executable, SCRIPT, *arguments],
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, env=environment(), cwd=REPO),
-                         output, message)
-    results = {}
-    for name, (process, output, message) in started.items():
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-        results[name] = (process.returncode, stdout, stderr, output, message)
-    unchanged = (before == {p.name: p.read_bytes() for p in straight.iterdir()} and
-                 tampered_before == {p.name: p.read_bytes()
-                                     for p in (root / "tampered").iterdir()})
-    return results, unchanged
+    assert sorted(cases) == sorted(BAD_CASES)
+    kept = [straight, root / "tampered"]
+    before = [recipe_checks.snapshot(output) for output in kept]
+    results = recipe_checks.run_refused(SCRIPT, cases, root, environment(), REPO, TIMEOUT_S)
+    return results, {output: recipe_checks.snapshot(output) == snapshot
+                     for output, snapshot in zip(kept, before)}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_is_one_line_and_writes_nothing(bad_runs, case):
-    results, checkpoints_unchanged = bad_runs
-    status, stdout, stderr, output, message = results[case]
-    assert status == 2, stderr
-    assert stderr.count("\n") == 1 and stderr.startswith("train_gluoncv.py: error: "), stderr
-    assert message in stderr
-    assert "Traceback" not in stderr and stdout == ""
-    if output.exists():
-        assert checkpoints_unchanged  # a refused checkpoint is left as it was
-        assert "checkpoint" in case
-    else:
-        assert not output.exists()
+    results, kept = bad_runs
+    recipe_checks.assert_refused("train_gluoncv.py", case, results[case], kept)
 
 
 def test_unreadable_image_found_while_training_is_one_line(tmp_path):
@@ -388,20 +296,12 @@ def test_unreadable_image_found_while_training_is_one_line(tmp_path):
     # fails to decode in a loading thread: the recipe's one line and no checkpoint (OpenCV,
     # Gluon's usual decoder, would have filled the missing part with gray).
     folder = write_image_folder(tmp_path / "images", train=2, val=1)
-    buffer = io.BytesIO()
-    noise = np.random.default_rng(1).integers(0, 255, (64, 64, 3)).astype(np.uint8)
-    Image.fromarray(noise).save(buffer, "JPEG")
-    truncated = folder / "train" / "class0" / "cut.jpg"
-    truncated.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) * 6 // 10])
-    with Image.open(truncated) as image:
-        image.verify()  # passes: the failure comes while training
+    truncated = recipe_checks.write_truncated_jpeg(folder / "train" / "class0" / "cut.jpg")
     result = run([sys.executable, SCRIPT, "--data", str(folder), "--epochs", "1",
                   "--output", str(tmp_path / "out"), *RECIPE])
-    assert result.returncode == 1
-    assert result.stderr.startswith(
-        f"train_gluoncv.py: error: cannot read image {truncated} ("), result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    assert not (tmp_path / "out" / "checkpoint.json").exists()
+    recipe_checks.assert_failed_while_training("train_gluoncv.py", result,
+                                               f"cannot read image {truncated} (",
+                                               tmp_path / "out" / "checkpoint.json")
 
 
 # ---------------------------------------------------------- model zoo, IDX data

@@ -7,21 +7,19 @@ Each run is a subprocess with one thread per process; the bad-input runs start t
 
 from __future__ import annotations
 
-import io
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import doconv_torch
 from samples import models_pt, train_pt
+from tests import recipe_checks
+from tests.recipe_checks import write_image_folder
 from tests.test_torch import train_models
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,23 +55,6 @@ def run_recipe(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     result = run([*torchrun(nproc), SCRIPT, *args])
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def write_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 3) -> Path:
-    """Learnable 16x16 PNGs (class k: a bright vertical band at columns 5k..5k+4); 3 x 3
-    validation images, an odd count, so the two ranks' DistributedSampler pads one."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("val", val)):
-        for label in range(classes):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                pixels = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
-                pixels[:, 5 * label:5 * label + 5] = 255
-                mode = "L" if index == 0 else "RGB"  # grayscale is replicated to 3 channels
-                Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode).save(
-                    folder / f"{index}.{'jpg' if index == 1 else 'png'}")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -177,21 +158,9 @@ def test_checkpoint_holds_only_plain_data_and_the_resume_keys(straight):
 def test_sigterm_keeps_a_loadable_checkpoint_and_exits_nonzero(tmp_path, folder):
     command = [*torchrun(), SCRIPT, "--data", str(folder), "--epochs", "1000",
                "--output", str(tmp_path), *RECIPE]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=environment(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (tmp_path / "checkpoint.pt").exists():
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode != 0, stderr
+    returncode, stderr = recipe_checks.terminate_after(command, tmp_path / "checkpoint.pt",
+                                                       environment(), REPO, TIMEOUT_S)
+    assert returncode != 0, stderr
     # torchrun owns its workers' shutdown: it forwards the signal and kills a worker not gone
     # within its grace period (a loaded machine can exceed it), so rank 0's "stopped by
     # SIGTERM" line is checked on one process (below); here what must hold either way.
@@ -204,20 +173,9 @@ def test_sigterm_keeps_a_loadable_checkpoint_and_exits_nonzero(tmp_path, folder)
 def test_sigterm_on_one_process_exits_143(tmp_path, folder):
     command = [sys.executable, SCRIPT, "--data", str(folder), "--epochs", "1000",
                "--output", str(tmp_path), *RECIPE]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=environment(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not (tmp_path / "checkpoint.pt").exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 143, stderr
+    returncode, stderr = recipe_checks.terminate_after(command, tmp_path / "checkpoint.pt",
+                                                       environment(), REPO, TIMEOUT_S)
+    assert returncode == 143, stderr
     assert "Traceback" not in stderr
     assert "train_pt.py: stopped by SIGTERM; the last completed epoch's checkpoint is kept" in stderr
     assert load(tmp_path / "checkpoint.pt")["epoch"] >= 1
@@ -237,82 +195,32 @@ def test_bad_input_under_torchrun_fails_on_every_rank_without_hanging(tmp_path):
 
 def _bad_cases(root: Path, folder: Path, straight: Path) -> dict[str, tuple[list[str], str]]:
     """name -> (arguments, the expected message's core); each case in its own folder."""
-    empty = root / "empty"
-    empty.mkdir()
-    no_classes = root / "no_classes"
-    (no_classes / "train").mkdir(parents=True)
-    (no_classes / "val").mkdir()
-    empty_class = root / "empty_class"
-    (empty_class / "train" / "a").mkdir(parents=True)
-    (empty_class / "val" / "a").mkdir(parents=True)
-    (empty_class / "train" / "a" / "notes.txt").write_text("not an image")
-    mismatched = write_image_folder(root / "mismatched", train=1, val=1)
-    (mismatched / "val" / "class2").rename(mismatched / "val" / "other")
-    unreadable = write_image_folder(root / "unreadable", train=1, val=1)
-    bad_image = unreadable / "train" / "class1" / "bad.png"
-    bad_image.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
     data = ["--data", str(folder)]
-    resume = ["--resume", "--epochs", "2"]
     return {
-        "missing data": (["--model", TINY, "--data", str(root / "nowhere")],
-                         f"--data {root / 'nowhere'}: no such folder"),
-        "empty data folder": (["--model", TINY, "--data", str(empty)],
-                              f"--data {empty}: no train/ folder"),
-        "no class folders": (["--model", TINY, "--data", str(no_classes)],
-                             f"--data {no_classes / 'train'}: no class folders"),
-        "empty class folder": (["--model", TINY, "--data", str(empty_class)],
-                               "no images (.jpg, .jpeg, .png) in class folder a"),
-        "mismatched classes": (["--model", TINY, "--data", str(mismatched)],
-                               ("train/ and val/ have different class folders (only in "
-                                "train/: class2; only in val/: other)")),
-        "unreadable image": (["--model", TINY, "--data", str(unreadable)],
-                             f"cannot read image {bad_image}"),
+        **recipe_checks.bad_data_cases(root, TINY),
         "model does not import": (["--model", "tests.test_torch.no_such_module:tiny", *data],
                                   "cannot import tests.test_torch.no_such_module"),
         "model is not an nn.Module": (["--model", "tests.test_torch.train_models:not_a_module",
                                        *data], "returned a int, not a torch.nn.Module"),
         "unknown built-in": (["--model", "resnet21", *data],
                              "--model 'resnet21': not a built-in model"),
-        "missing checkpoint": (["--model", TINY, *data, *resume],
-                               "--resume: no checkpoint at"),
-        "checkpoint of another model": (["--model", "resnet20", "--doconv", *data, *resume,
-                                         "--output", str(straight)], "is of --model " + TINY),
-        "checkpoint with another doconv setting": (
-            [a for a in RECIPE if a != "--doconv"] + [*data, *resume, "--output", str(straight)],
-            "was trained with --doconv"),
-        "checkpoint of another world size": (RECIPE + [*data, *resume, "--output",
-                                                       str(straight)],
-                                             "was written by 2 process(es), this run has 1"),
-        "checkpoint with other settings": (RECIPE + [*data, *resume, "--output", str(straight),
-                                                     "--seed", "1"],
-                                           "was written with --seed 0, this run has --seed 1"),
-        "existing checkpoint without --resume": (RECIPE + [*data, "--output", str(straight)],
-                                                 "exists: pass --resume"),
+        **recipe_checks.bad_resume_cases(RECIPE, data, straight, "checkpoint.pt", "resnet20"),
+        "checkpoint of another world size": (
+            RECIPE + [*data, "--resume", "--epochs", "2", "--output", str(straight)],
+            "was written by 2 process(es), this run has 1"),
     }
 
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory, folder, straight):
-    """Every bad-input case, started together; (result, output folder, expected message)."""
+    """Every bad-input case, started together: the results, and whether the checkpoint
+    the resumes were refused left as it was."""
     root = tmp_path_factory.mktemp("bad")
     cases = _bad_cases(root, folder, straight)
-    assert list(cases) == BAD_CASES
-    before = {p.name: p.read_bytes() for p in straight.iterdir()}
-    started = {}
-    for index, (name, (arguments, message)) in enumerate(cases.items()):
-        if "--output" not in arguments:
-            arguments = [*arguments, "--output", str(root / f"out{index}")]
-        output = Path(arguments[arguments.index("--output") + 1])
-        started[name] = (subprocess.Popen([sys.executable, SCRIPT, *arguments],
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, env=environment(), cwd=REPO),
-                         output, message)
-    results = {}
-    for name, (process, output, message) in started.items():
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-        results[name] = (process.returncode, stdout, stderr, output, message)
-    after = {p.name: p.read_bytes() for p in straight.iterdir()}
-    return results, before == after
+    assert sorted(cases) == sorted(BAD_CASES)
+    before = recipe_checks.snapshot(straight)
+    results = recipe_checks.run_refused(SCRIPT, cases, root, environment(), REPO, TIMEOUT_S)
+    return results, before == recipe_checks.snapshot(straight)
 
 
 BAD_CASES = ["missing data", "empty data folder", "no class folders", "empty class folder",
@@ -326,15 +234,8 @@ BAD_CASES = ["missing data", "empty data folder", "no class folders", "empty cla
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_is_one_line_and_writes_nothing(bad_runs, case, straight):
     results, straight_unchanged = bad_runs
-    status, stdout, stderr, output, message = results[case]
-    assert status == 2, stderr
-    assert stderr.count("\n") == 1 and stderr.startswith("train_pt.py: error: "), stderr
-    assert message in stderr
-    assert "Traceback" not in stderr and stdout == ""
-    if output == straight:
-        assert straight_unchanged  # the checkpoint that was refused is as it was
-    else:
-        assert not output.exists()
+    recipe_checks.assert_refused("train_pt.py", case, results[case],
+                                 {straight: straight_unchanged})
 
 
 def test_unreadable_image_found_while_training_is_one_line(tmp_path):
@@ -342,20 +243,12 @@ def test_unreadable_image_found_while_training_is_one_line(tmp_path):
     # fails to decode in a data-loading worker: the recipe's one line, not the
     # DataLoader's traceback, and no checkpoint.
     folder = write_image_folder(tmp_path / "images", train=2, val=1)
-    buffer = io.BytesIO()
-    noise = np.random.default_rng(1).integers(0, 255, (64, 64, 3)).astype(np.uint8)
-    Image.fromarray(noise).save(buffer, "JPEG")
-    truncated = folder / "train" / "class0" / "cut.jpg"
-    truncated.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) * 6 // 10])
-    with Image.open(truncated) as image:
-        image.verify()  # passes: the failure comes while training
+    truncated = recipe_checks.write_truncated_jpeg(folder / "train" / "class0" / "cut.jpg")
     result = run([sys.executable, SCRIPT, "--data", str(folder), "--epochs", "1",
                   "--output", str(tmp_path / "out"), *RECIPE])
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"train_pt.py: error: cannot read image {truncated} ("), \
-        result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+    recipe_checks.assert_failed_while_training("train_pt.py", result,
+                                               f"cannot read image {truncated} (",
+                                               tmp_path / "out" / "checkpoint.pt")
 
 
 # ------------------------------------------------------------------ IDX data, models

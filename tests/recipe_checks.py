@@ -1,0 +1,209 @@
+"""The three training recipes' shared test pieces: a tiny learnable image folder, the bad
+inputs every recipe refuses alike, and starting many refused runs together.
+
+Each framework's test file adds its own cases (its model types, its device flags) to these.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# name -> (arguments, the core of the expected one-line message)
+Cases = dict[str, tuple[list[str], str]]
+# name -> (exit status, stdout, stderr, --output folder, expected message)
+Results = dict[str, tuple[int, str, str, Path, str]]
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """An 8-bit grayscale (H, W) or RGB (H, W, 3) PNG, written with zlib alone (Pillow is
+    in none of the Keras envs)."""
+    pixels = np.ascontiguousarray(pixels, np.uint8)
+    height, width = pixels.shape[:2]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if pixels.ndim == 2 else 2, 0, 0, 0)
+    rows = b"".join(b"\x00" + pixels[row].tobytes() for row in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def write_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 3, *,
+                       jpeg: bool = True) -> Path:
+    """Learnable 16x16 images in ImageNet's layout (class k: a bright vertical band at
+    columns 5k..5k+4). Image 0 of each class is grayscale (decoded to 3 channels); with
+    ``jpeg`` image 1 is a JPEG (needs Pillow), the rest PNGs. 3 validation images per class
+    make an odd count, so two ranks or devices split the last batch unevenly."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                pixels = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
+                pixels[:, 5 * label:5 * label + 5] = 255
+                image = pixels[..., 0] if index == 0 else pixels
+                if jpeg and index == 1:
+                    from PIL import Image
+                    Image.fromarray(image).save(folder / f"{index}.jpg")
+                else:
+                    (folder / f"{index}.png").write_bytes(png_bytes(image))
+    return root
+
+
+def bad_data_cases(root: Path, model: str) -> Cases:
+    """The data folders every recipe refuses before it starts, each made under ``root``."""
+    empty = root / "empty"
+    empty.mkdir()
+    no_classes = root / "no_classes"
+    (no_classes / "train").mkdir(parents=True)
+    (no_classes / "val").mkdir()
+    empty_class = root / "empty_class"
+    (empty_class / "train" / "a").mkdir(parents=True)
+    (empty_class / "val" / "a").mkdir(parents=True)
+    (empty_class / "train" / "a" / "notes.txt").write_text("not an image")
+    mismatched = write_image_folder(root / "mismatched", train=1, val=1, jpeg=False)
+    (mismatched / "val" / "class2").rename(mismatched / "val" / "other")
+    unreadable = write_image_folder(root / "unreadable", train=1, val=1, jpeg=False)
+    bad_image = unreadable / "train" / "class1" / "bad.png"
+    bad_image.write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    return {
+        "missing data": (["--model", model, "--data", str(root / "nowhere")],
+                         f"--data {root / 'nowhere'}: no such folder"),
+        "empty data folder": (["--model", model, "--data", str(empty)],
+                              f"--data {empty}: no train/ folder"),
+        "no class folders": (["--model", model, "--data", str(no_classes)],
+                             f"--data {no_classes / 'train'}: no class folders"),
+        "empty class folder": (["--model", model, "--data", str(empty_class)],
+                               "no images (.jpg, .jpeg, .png) in class folder a"),
+        "mismatched classes": (["--model", model, "--data", str(mismatched)],
+                               ("train/ and val/ have different class folders (only in "
+                                "train/: class2; only in val/: other)")),
+        "unreadable image": (["--model", model, "--data", str(unreadable)],
+                             f"cannot read image {bad_image}"),
+    }
+
+
+def bad_resume_cases(trained: Sequence[str], data: Sequence[str], straight: Path,
+                     checkpoint: str, other_model: str) -> Cases:
+    """The resumes every recipe refuses. ``trained``: the flags ``straight`` (a finished
+    two-epoch run) was trained with, --doconv among them, without --data or --output;
+    ``checkpoint``: what the recipe keeps in --output (file or folder)."""
+    model = trained[trained.index("--model") + 1]
+    resume = ["--resume", "--epochs", "2"]
+    at_straight = [*data, *resume, "--output", str(straight)]
+    without_doconv = [a for a in trained if a != "--doconv"]
+    return {
+        "missing checkpoint": (["--model", model, *data, *resume],
+                               "--resume: no checkpoint at"),
+        "checkpoint of another model": ([*trained, *at_straight, "--model", other_model],
+                                        f"is of --model {model}, not {other_model}"),
+        "checkpoint with another doconv setting": ([*without_doconv, *at_straight],
+                                                   "was trained with --doconv"),
+        "checkpoint with other settings": ([*trained, *at_straight, "--seed", "1"],
+                                           "was written with --seed 0, this run has --seed 1"),
+        "existing checkpoint without --resume": (
+            [*trained, *data, "--output", str(straight)],
+            f"{straight / checkpoint} exists: pass --resume"),
+    }
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (links followed), by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_refused(script: str, cases: Mapping[str, tuple[list[str], str]], root: Path,
+                env: Mapping[str, str], cwd: Path, timeout: float) -> Results:
+    """Every case started together in its own process (a case without --output gets a new
+    folder under ``root``), then waited for."""
+    started = {}
+    for index, (name, (arguments, message)) in enumerate(cases.items()):
+        if "--output" not in arguments:
+            arguments = [*arguments, "--output", str(root / f"out{index}")]
+        output = Path(arguments[arguments.index("--output") + 1])
+        started[name] = (subprocess.Popen([sys.executable, script, *arguments],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=dict(env), cwd=cwd),
+                         output, message)
+    results: Results = {}
+    for name, (process, output, message) in started.items():
+        stdout, stderr = process.communicate(timeout=timeout)
+        results[name] = (process.returncode, stdout, stderr, output, message)
+    return results
+
+
+def assert_refused(prog: str, name: str, result: tuple[int, str, str, Path, str],
+                   kept: Mapping[Path, bool]) -> None:
+    """The recipe's refusal: exit 2, one line naming the problem on stderr, nothing on
+    stdout, and no output written: a new --output folder never made, an existing one
+    (``kept``: folder -> whether its files are as they were) left as it was."""
+    status, stdout, stderr, output, message = result
+    assert status == 2, (name, stderr)
+    assert stderr.count("\n") == 1 and stderr.startswith(f"{prog}: error: "), (name, stderr)
+    assert message in stderr, (name, stderr)
+    assert "Traceback" not in stderr, name
+    assert stdout == "", (name, stdout)  # nothing began
+    if output in kept:
+        assert kept[output], name  # the checkpoint that was refused is as it was
+    else:
+        assert not output.exists(), name
+
+
+def write_truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut to 60% of its bytes: it passes Pillow's up-front check (verify() reads no
+    JPEG data) and fails only when decoded, while training."""
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(1).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(noise).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) * 6 // 10])
+    with Image.open(path) as image:
+        image.verify()
+    return path
+
+
+def assert_failed_while_training(prog: str, result: subprocess.CompletedProcess,
+                                 message_start: str, absent: Path) -> None:
+    """A failure found while training: exit 1, the recipe's one line (no traceback), and
+    ``absent`` (the checkpoint) never written."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.startswith(f"{prog}: error: {message_start}"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, \
+        result.stderr[-3000:]
+    assert not absent.exists()
+
+
+def terminate_after(command: Sequence[str], marker: Path, env: Mapping[str, str], cwd: Path,
+                    timeout: float) -> tuple[int, str]:
+    """Start ``command``, send it SIGTERM once ``marker`` (its first checkpoint) exists;
+    its exit status and stderr."""
+    import signal
+    import time
+    process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(env), cwd=cwd)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"no {marker.name} appeared"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, stderr
