@@ -34,12 +34,13 @@ from samples.recipe import RecipeError  # noqa: E402
 PROG = "recipe_table.py"
 VARIANT_NAMES = {False: "Baseline", True: "DO-Conv"}
 # The docs/results.md protocol: ResNet-20 on the full Fashion-MNIST, one process (two
-# threads) on this 2-core machine; epochs sized so 3 seeds x 2 variants take about an hour
-# (a training step at batch 128 took 0.17 s with two threads on a quiet machine, 0.33 s of
-# CPU with one: about 90 s per epoch with validation, for both variants).
+# threads) on this project's 2-core machines; epochs sized so 3 seeds x 2 variants take about
+# an hour where a training step is slow (0.5 s at batch 128 with two threads on an AVX2-only
+# AMD EPYC: about 250 s per epoch with validation; 0.17 s, a third of that, on an Intel Xeon
+# of the same size).
 # --workers 0: the IDX images are in memory, and a loader process would take a core from the
 # two the training threads use.
-PROTOCOL = {"model": "resnet20", "data": "fashion-mnist", "epochs": 6, "batch_size": 128,
+PROTOCOL = {"model": "resnet20", "data": "fashion-mnist", "epochs": 3, "batch_size": 128,
             "lr": 0.1, "wd": 5e-4, "workers": 0, "seeds": (0, 1, 2)}
 
 
