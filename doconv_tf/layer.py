@@ -71,6 +71,8 @@ from doconv_core.spec import native_spec, padding_strings
 
 __all__ = ["DOConv1D", "DOConv2D", "DOConv3D"]
 
+_BACKEND = keras.backend.backend()  # fixed when keras is imported; read on every call
+
 # The Depthwise layers' names for the kernel settings DOConv layers (and Conv layers) call
 # kernel_*.
 _DEPTHWISE_KEYS = {"depthwise_initializer": "kernel_initializer",
@@ -115,7 +117,7 @@ def _keras_spec(rank: int, filters: Any, kernel_size: Any, strides: Any, padding
 
 def _to_numpy(value: Any) -> np.ndarray:
     """A writable NumPy copy of a tensor or a Keras variable."""
-    if keras.backend.backend() == "torch":
+    if _BACKEND == "torch":
         # Keras' torch convert_to_numpy calls np.array(tensor), and torch's __array__ takes
         # no `copy` keyword: NumPy 2 warns. Tensor.numpy() reads the same values without it.
         tensor = ops.convert_to_tensor(value).detach().cpu()
@@ -142,7 +144,7 @@ def _channels_last_at_edge(data_format: str) -> bool:
     channels-first Conv3D through XLA. Channels-last between transposes runs everywhere, on
     the native kernels. GPUs and the other backends take channels-first data natively.
     """
-    return (data_format == "channels_first" and keras.backend.backend() == "tensorflow"
+    return (data_format == "channels_first" and _BACKEND == "tensorflow"
             and not _has_gpu())
 
 
@@ -158,7 +160,7 @@ class _KernelCache:
 
 def _concrete(*tensors: Any) -> bool:
     """True for eager JAX arrays (not tracers): only then is identity a sound cache key."""
-    if keras.backend.backend() != "jax":
+    if _BACKEND != "jax":
         return False
     import jax  # the jax backend is loaded, so this is free
 
@@ -170,7 +172,7 @@ def _splits_groups(rank: int, groups: int) -> bool:
     one on TensorFlow without a GPU, where Keras runs grouped convs through XLA and the
     native 3-D kernel run per group is much faster (docs/design.md). 1-D and 2-D grouped
     layers run as Keras' own do (their depthwise ones on the native depthwise kernel)."""
-    return (rank == 3 and groups > 1 and keras.backend.backend() == "tensorflow"
+    return (rank == 3 and groups > 1 and _BACKEND == "tensorflow"
             and not _has_gpu())
 
 
@@ -230,6 +232,7 @@ class _DOConv(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=self.rank + 2)
         self._cache = _KernelCache()
         self.W = self.D = self.bias = None
+        self._depthwise_k: int | None = None  # _depthwise_multiplier(), set by build
 
     # -- state ---------------------------------------------------------------
     @property
@@ -267,7 +270,8 @@ class _DOConv(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=ndim)
         self._conv_format = "channels_last" if _channels_last_at_edge(self.data_format) \
             else self.data_format
-        self._split_groups = (self._depthwise_multiplier() is None
+        self._depthwise_k = self._depthwise_multiplier()
+        self._split_groups = (self._depthwise_k is None
                               and _splits_groups(self.rank, spec.groups))
         self._d_diag = doconv_core.identity_d(spec.in_channels, spec.mn, spec.D_mul,
                                               np.float64) if spec.has_D else None
@@ -313,7 +317,7 @@ class _DOConv(keras.layers.Layer):
         # as a matmul batched over (g, i), spelled with explicit transposes: TensorFlow's
         # einsum was slower.
         Wt = ops.transpose(Wg, (2, 1, 0, 3))  # (g, I_g, D_mul, O_g)
-        if keras.backend.backend() == "torch":
+        if _BACKEND == "torch":
             # Keras' torch ops.matmul computes float64 in float32 (its type promotion
             # follows JAX's 32-bit default); einsum keeps the dtype.
             K = ops.einsum("gims,giso->gimo", Dg, Wt)
@@ -323,8 +327,14 @@ class _DOConv(keras.layers.Layer):
         return ops.reshape(K, kernel_shape)
 
     def _composed_kernel(self) -> Any:
-        W = ops.convert_to_tensor(self.W)
-        D = None if self.D is None else ops.convert_to_tensor(self.D)
+        if _BACKEND == "jax":
+            # What convert_to_tensor returns for a JAX variable (the stateless scope's value
+            # included), without its dispatch: an eager call pays for every Python call.
+            W = self.W.value
+            D = None if self.D is None else self.D.value
+        else:
+            W = ops.convert_to_tensor(self.W)
+            D = None if self.D is None else ops.convert_to_tensor(self.D)
         sources = (W,) if D is None else (W, D)
         if not _concrete(*sources):
             return self._compose(W, D)
@@ -356,7 +366,7 @@ class _DOConv(keras.layers.Layer):
         # Grouped output o = c * k + q belongs to group (input channel) o // k = c, and a
         # depthwise output c * k + q reads kernel[..., c, q]: a row-major reshape, no transpose.
         return ops.reshape(kernel, (*self.kernel_size, self._spec.in_channels,
-                                    self._depthwise_multiplier()))
+                                    self._depthwise_k))
 
     @property
     def kernel(self) -> Any:
@@ -384,7 +394,7 @@ class _DOConv(keras.layers.Layer):
             padding = "valid"
         settings = dict(strides=self.strides, padding=padding,
                         dilation_rate=self.dilation_rate, data_format=self._conv_format)
-        if self._depthwise_multiplier() is not None:
+        if self._depthwise_k is not None:
             # See the module notes: TensorFlow's grouped conv is much slower on CPU.
             return ops.depthwise_conv(inputs, self._depthwise_kernel(kernel), **settings)
         settings["strides"] = list(self.strides)
@@ -400,12 +410,14 @@ class _DOConv(keras.layers.Layer):
     def call(self, inputs: Any, training: Any = None) -> Any:
         self._check_channels(inputs.shape)
         dtype = self.compute_dtype
-        input_dtype = keras.backend.standardize_dtype(inputs.dtype)
-        # Casts only where needed: an eager call pays for every op it dispatches.
-        if input_dtype != dtype and keras.backend.is_float_dtype(input_dtype):
-            inputs = ops.cast(inputs, dtype)
+        # Casts only where needed: an eager call pays for every op it dispatches (and the
+        # plain comparison first spares standardize_dtype's calls when the dtypes match).
+        if inputs.dtype != dtype:
+            input_dtype = keras.backend.standardize_dtype(inputs.dtype)
+            if input_dtype != dtype and keras.backend.is_float_dtype(input_dtype):
+                inputs = ops.cast(inputs, dtype)
         kernel = self._composed_kernel()
-        if keras.backend.standardize_dtype(kernel.dtype) != dtype:
+        if kernel.dtype != dtype and keras.backend.standardize_dtype(kernel.dtype) != dtype:
             kernel = ops.cast(kernel, dtype)
         rank = self.rank
         transposed = self._conv_format != self.data_format
