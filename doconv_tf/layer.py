@@ -149,22 +149,21 @@ def _channels_last_at_edge(data_format: str) -> bool:
 
 
 class _KernelCache:
-    """The last composed kernel and the arrays it was composed from (JAX eager only)."""
+    """The last composed kernel and the W and D it was composed from (JAX eager only)."""
 
-    __slots__ = ("sources", "kernel")
+    __slots__ = ("W", "D", "kernel")
 
     def __init__(self) -> None:
-        self.sources: tuple = ()
-        self.kernel = None
+        self.W = self.D = self.kernel = None
 
 
-def _concrete(*tensors: Any) -> bool:
+def _concrete(W: Any, D: Any) -> bool:
     """True for eager JAX arrays (not tracers): only then is identity a sound cache key."""
     if _BACKEND != "jax":
         return False
-    import jax  # the jax backend is loaded, so this is free
+    from jax.core import Tracer  # the jax backend is loaded, so this is free
 
-    return not any(isinstance(t, jax.core.Tracer) for t in tensors)
+    return not isinstance(W, Tracer) and not isinstance(D, Tracer)  # D may be None
 
 
 def _splits_groups(rank: int, groups: int) -> bool:
@@ -335,15 +334,13 @@ class _DOConv(keras.layers.Layer):
         else:
             W = ops.convert_to_tensor(self.W)
             D = None if self.D is None else ops.convert_to_tensor(self.D)
-        sources = (W,) if D is None else (W, D)
-        if not _concrete(*sources):
+        if not _concrete(W, D):
             return self._compose(W, D)
         cache = self._cache
-        if len(cache.sources) == len(sources) and all(
-                a is b for a, b in zip(cache.sources, sources)):
+        if cache.W is W and cache.D is D and cache.kernel is not None:
             return cache.kernel
         kernel = self._compose(W, D)
-        cache.sources, cache.kernel = sources, kernel  # holding W, D keeps identity sound
+        cache.W, cache.D, cache.kernel = W, D, kernel  # holding W, D keeps identity sound
         return kernel
 
     def _depthwise_multiplier(self) -> int | None:
