@@ -296,6 +296,21 @@ def test_kernel_is_never_stale():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_kernel_without_D_is_never_stale():
+    # A 1x1 layer has no D (kernel volume 1): the cache is keyed on W alone.
+    x = RNG.standard_normal((1, 4, 4, 2)).astype("float32")
+    layer = DOConv2D(3, 1, use_bias=False)
+    layer(x)
+    assert layer.D is None
+    k1 = layer.kernel
+    if BACKEND == "jax":
+        assert layer.kernel is k1
+    W = RNG.standard_normal(tuple(layer.W.shape)).astype("float32")
+    layer.W.assign(W)
+    expected = np.einsum("nhwc,sco->nhwo", x, W)  # W (D_mul=1, C_in, C_out) is the kernel
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected,
+                               rtol=1e-5, atol=1e-5)
+
 def test_gradients_flow_with_training_false():
     # The fine-tuning idiom (base(x, training=False) under a tape) must still train W and D.
     layer = DOConv2D(3, 3, D_mul=10)

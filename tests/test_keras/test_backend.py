@@ -19,5 +19,5 @@ def test_layer_module_uses_keras_ops_only():
         '_BACKEND == "tensorflow"', "")
     assert not re.search(r"(?<![\w.])tf\.", source)
     # The one jax use: telling an eager array from a tracer, for the kernel cache.
-    assert re.findall(r"^\s*(?:import|from) jax\b.*$", source, re.M) == [
-        "    from jax.core import Tracer  # the jax backend is loaded, so this is free"]
+    imports = re.findall(r"^\s*((?:import|from) jax\b[^#\n]*)", source, re.M)
+    assert [line.strip() for line in imports] == ["from jax.core import Tracer"]
