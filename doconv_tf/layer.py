@@ -157,13 +157,15 @@ class _KernelCache:
         self.W = self.D = self.kernel = None
 
 
+if _BACKEND == "jax":
+    from jax.core import Tracer as _JaxTracer  # the kernel cache's one JAX use (_concrete)
+
+
 def _concrete(W: Any, D: Any) -> bool:
     """True for eager JAX arrays (not tracers): only then is identity a sound cache key."""
     if _BACKEND != "jax":
         return False
-    from jax.core import Tracer  # the jax backend is loaded, so this is free
-
-    return not isinstance(W, Tracer) and not isinstance(D, Tracer)  # D may be None
+    return not isinstance(W, _JaxTracer) and not isinstance(D, _JaxTracer)  # D may be None
 
 
 def _splits_groups(rank: int, groups: int) -> bool:
@@ -334,13 +336,13 @@ class _DOConv(keras.layers.Layer):
         else:
             W = ops.convert_to_tensor(self.W)
             D = None if self.D is None else ops.convert_to_tensor(self.D)
-        if not _concrete(W, D):
-            return self._compose(W, D)
         cache = self._cache
         if cache.W is W and cache.D is D and cache.kernel is not None:
+            # Only concrete arrays are ever stored, so a tracer never matches.
             return cache.kernel
         kernel = self._compose(W, D)
-        cache.W, cache.D, cache.kernel = W, D, kernel  # holding W, D keeps identity sound
+        if _concrete(W, D):
+            cache.W, cache.D, cache.kernel = W, D, kernel  # holding W, D keeps identity sound
         return kernel
 
     def _depthwise_multiplier(self) -> int | None:
@@ -374,8 +376,9 @@ class _DOConv(keras.layers.Layer):
 
     def _check_channels(self, shape: Any) -> None:
         """The core's ValueError for an input whose (known) channel count is not the layer's."""
-        channels = shape[self._channel_axis()]
-        if self.built and channels is not None:
+        # The plain comparison first: every eager call comes here.
+        channels = shape[-1 if self.data_format == "channels_last" else 1]
+        if channels != self._spec.in_channels and channels is not None and self.built:
             self._spec.check_input_channels(int(channels))
 
     def _conv(self, inputs: Any, kernel: Any) -> Any:
