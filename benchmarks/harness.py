@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import ctypes.util
 import dataclasses
+import random
 import statistics
 import sys
 import time
@@ -35,8 +36,14 @@ _allocator = "system allocator"  # what keep_freed_memory() set, for machine_des
 
 
 def interleaved_times(variants: Mapping[str, Callable[[], object]], *, repeats: int = 15,
-                      warmup: int = 3, inner: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each variant: ``repeats`` samples, taken round-robin."""
+                      warmup: int = 3, inner: int = 1,
+                      alternate: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each variant: ``repeats`` samples, taken round-robin.
+
+    ``alternate``: every other round takes the variants in reverse order (A B, B A, A B, ...),
+    so whatever a round's position costs (the first call after another model's) falls on
+    every variant alike.
+    """
     if repeats < 1 or warmup < 0 or inner < 1:
         raise ValueError(f"repeats and inner must be >= 1 and warmup >= 0, got "
                          f"repeats={repeats}, warmup={warmup}, inner={inner}")
@@ -44,8 +51,9 @@ def interleaved_times(variants: Mapping[str, Callable[[], object]], *, repeats: 
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    forward = list(variants.items())
+    for round_ in range(repeats):
+        for name, fn in (forward[::-1] if alternate and round_ % 2 else forward):
             start = time.perf_counter()
             for _ in range(inner):
                 fn()
@@ -66,8 +74,13 @@ class Row:
     # variant -> the baseline's median in the variant's own A/B pair (see pairwise_row)
     baselines: dict[str, float] = dataclasses.field(default_factory=dict)
     tags: set[str] = dataclasses.field(default_factory=set)  # e.g. which targets apply
+    # variant -> (median of per-round ratios, 95% interval low, high), see round_ratio: where
+    # present, the row's ratio (and the table shows the interval).
+    intervals: dict[str, tuple[float, float, float]] = dataclasses.field(default_factory=dict)
 
     def ratio(self, variant: str) -> float:
+        if variant in self.intervals:
+            return self.intervals[variant][0]
         return self.values[variant] / self.baselines.get(variant, self.values[self.baseline])
 
 
@@ -105,6 +118,19 @@ def paired_differences(samples: Mapping[str, Sequence[float]],
             for name, values in samples.items() if name != baseline}
 
 
+def round_ratio(samples: Mapping[str, Sequence[float]], variant: str,
+                baseline: str = "native", *, resamples: int = 2000,
+                seed: int = 0) -> tuple[float, float, float]:
+    """The median over rounds of ``variant`` / ``baseline`` (each ratio within one round), and
+    a 95% bootstrap interval of that median (``resamples`` resamplings of the rounds)."""
+    ratios = [v / b for v, b in zip(samples[variant], samples[baseline])]
+    rng = random.Random(seed)
+    resampled = sorted(statistics.median(rng.choices(ratios, k=len(ratios)))
+                       for _ in range(resamples))
+    return (statistics.median(ratios), resampled[int(0.025 * (resamples - 1))],
+            resampled[int(round(0.975 * (resamples - 1)))])
+
+
 def _fmt(value: float, unit: str) -> str:
     if unit == "ms":
         return f"{value * 1e3:.2f}"
@@ -116,7 +142,8 @@ def _fmt(value: float, unit: str) -> str:
 
 
 def format_table(rows: Sequence[Row], variants: Sequence[str]) -> str:
-    """Markdown: per case and measure, each variant's median and its ratio to the baseline."""
+    """Markdown: per case and measure, each variant's median and its ratio to the baseline
+    (followed by its 95% interval where the row has one)."""
     header = ["case", "measure", "unit"]
     for variant in variants:
         header.append(variant)
@@ -129,7 +156,11 @@ def format_table(rows: Sequence[Row], variants: Sequence[str]) -> str:
             present = variant in row.values
             cells.append(_fmt(row.values[variant], row.unit) if present else "")
             if variant != row.baseline:
-                cells.append(f"{row.ratio(variant):.3f}" if present else "")
+                ratio = f"{row.ratio(variant):.3f}" if present else ""
+                if variant in row.intervals:
+                    _, low, high = row.intervals[variant]
+                    ratio += f" [{low:.3f}, {high:.3f}]"
+                cells.append(ratio)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

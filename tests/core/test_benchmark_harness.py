@@ -1,7 +1,7 @@
 import pytest
 
 from benchmarks.harness import (Row, format_table, interleaved_times, machine_description, medians,
-                                scaling_arguments, scaling_rounds, scaling_summary,
+                                round_ratio, scaling_arguments, scaling_rounds, scaling_summary,
                                 scaling_table)
 
 
@@ -13,6 +13,34 @@ def test_interleaved_times_round_robin():
     assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3}
     with pytest.raises(ValueError, match="repeats and inner must be >= 1"):
         interleaved_times({}, repeats=0)
+
+
+def test_interleaved_times_alternate_reverses_every_other_round():
+    calls = []
+    interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                      repeats=3, warmup=0, alternate=True)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_round_ratio_pairs_rounds_and_brackets_the_median():
+    # A drift that doubles both variants' times mid-run: per-round ratios stay 1.1, where
+    # the ratio of separate medians would depend on where each median fell.
+    native = [1.0] * 10 + [2.0] * 10
+    samples = {"native": native, "doconv": [1.1 * n for n in native]}
+    assert round_ratio(samples, "doconv") == pytest.approx((1.1, 1.1, 1.1))
+    spread = {"native": [1.0] * 9, "doconv": [0.9, 0.95, 1.0, 1.0, 1.02, 1.05, 1.1, 1.2, 1.3]}
+    middle, low, high = round_ratio(spread, "doconv")
+    assert middle == pytest.approx(1.02)
+    assert 0.9 <= low < middle < high <= 1.3
+    assert round_ratio(spread, "doconv") == (middle, low, high)  # seeded: reproducible
+
+
+def test_table_shows_the_interval_and_the_row_s_ratio_is_its_median():
+    row = Row("net", "eval eager", {"native": 2e-3, "doconv": 3e-3},
+              intervals={"doconv": (1.01, 0.99, 1.03)})
+    assert row.ratio("doconv") == 1.01
+    table = format_table([row], ["native", "doconv"])
+    assert table.splitlines()[2] == "| net | eval eager | ms | 2.00 | 3.00 | 1.010 [0.990, 1.030] |"
 
 
 def test_table_shows_medians_and_ratios():
