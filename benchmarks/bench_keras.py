@@ -56,7 +56,7 @@ from keras import layers  # noqa: E402
 import doconv_tf  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     Row, command_line, format_table, interleaved_times, machine_description, medians,
-    parse_arguments, publish, round_ratio, run_cases)
+    parse_arguments, publish, ratio_text, round_ratio, run_cases)
 
 BACKEND = keras.backend.backend()
 VARIANTS = ("native", "doconv")
@@ -328,14 +328,6 @@ def _met(ratio: float, target: float) -> str:
     return "yes" if ratio <= target else "no"
 
 
-def _measured(row: Row) -> str:
-    ratio = f"{row.ratio('doconv'):.3f}"
-    if "doconv" in row.intervals:
-        _, low, high = row.intervals["doconv"]
-        ratio += f" [{low:.3f}, {high:.3f}]"
-    return ratio
-
-
 def target_summary(rows: Sequence[Row]) -> str:
     """The Keras targets (whole networks) against this run, as a markdown table: the 2-D
     network's, and the N-d issue's for the 1-D and 3-D networks."""
@@ -349,7 +341,7 @@ def target_summary(rows: Sequence[Row]) -> str:
             eager = network["eval eager"].ratio("doconv")
             lines += [
                 (f"| ResNet-18-style eval unfused <= {EVAL_TARGET:.2f}, eager (kernel cached) "
-                 f"| {_measured(network['eval eager'])} | {_met(eager, EVAL_TARGET)} |"),
+                 f"| {ratio_text(network['eval eager'], 'doconv')} | {_met(eager, EVAL_TARGET)} |"),
                 (f"| ResNet-18-style eval unfused, compiled (predict_on_batch) "
                  f"| {network['eval'].ratio('doconv'):.3f} "
                  "| no target: traced calls recompose the kernel |")]
@@ -372,7 +364,7 @@ def target_summary(rows: Sequence[Row]) -> str:
         if BACKEND == "jax":
             eager = ranked["eval eager"].ratio("doconv")
             lines.append(f"| {name} eval unfused <= {RANK_EVAL_TARGET:.2f}, eager (kernel "
-                         f"cached) | {_measured(ranked['eval eager'])} "
+                         f"cached) | {ratio_text(ranked['eval eager'], 'doconv')} "
                          f"| {_met(eager, RANK_EVAL_TARGET)} |")
         lines.append(f"| {name} fused (a plain model) | {ranked['fused'].ratio('doconv'):.3f} "
                      "| - |")

@@ -141,6 +141,15 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.3g}"
 
 
+def ratio_text(row: Row, variant: str) -> str:
+    """The row's ratio for ``variant``, followed by its 95% interval where it has one."""
+    text = f"{row.ratio(variant):.3f}"
+    if variant in row.intervals:
+        _, low, high = row.intervals[variant]
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
 def format_table(rows: Sequence[Row], variants: Sequence[str]) -> str:
     """Markdown: per case and measure, each variant's median and its ratio to the baseline
     (followed by its 95% interval where the row has one)."""
@@ -156,11 +165,7 @@ def format_table(rows: Sequence[Row], variants: Sequence[str]) -> str:
             present = variant in row.values
             cells.append(_fmt(row.values[variant], row.unit) if present else "")
             if variant != row.baseline:
-                ratio = f"{row.ratio(variant):.3f}" if present else ""
-                if variant in row.intervals:
-                    _, low, high = row.intervals[variant]
-                    ratio += f" [{low:.3f}, {high:.3f}]"
-                cells.append(ratio)
+                cells.append(ratio_text(row, variant) if present else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
