@@ -187,20 +187,26 @@ def assert_failed_while_training(prog: str, result: subprocess.CompletedProcess,
 
 
 def terminate_after(command: Sequence[str], marker: Path, env: Mapping[str, str], cwd: Path,
-                    timeout: float) -> tuple[int, str]:
+                    timeout: float, *, group: bool = False) -> tuple[int, str]:
     """Start ``command``, send it SIGTERM once ``marker`` (its first checkpoint) exists;
-    its exit status and stderr."""
+    its exit status and stderr. ``group``: the command starts its own process group and
+    the signal goes to the whole group (its data workers too), as Slurm, systemd and a
+    terminal send it."""
+    import os
     import signal
     import time
     process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=dict(env), cwd=cwd)
+                               text=True, env=dict(env), cwd=cwd, start_new_session=group)
     try:
         deadline = time.monotonic() + timeout
         while not marker.exists():
             assert process.poll() is None, process.communicate()[1][-3000:]
             assert time.monotonic() < deadline, f"no {marker.name} appeared"
             time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
