@@ -6,8 +6,15 @@ Arrays are stored in the canonical layout. The container is safetensors (format 
 3, written by ``doconv_core.tensorfile``): NumPy, PyTorch, TensorFlow, JAX and Flax read
 it without doconv, memory-mapped, with the layers' settings as JSON in its metadata.
 ``.npz`` files (versions 1 and 2) still load, and a path ending in ``.npz`` still writes
-one (version 2, for earlier doconv releases). Loading never runs code from the file
-(``.npz`` files are read with ``allow_pickle=False``).
+one (version 2, for earlier doconv releases). Loading never runs code from the file:
+``.npz`` members are read by a strict reader here (plain dtypes only, every size checked
+against the archive before anything is allocated), never unpickled.
+
+Arrays are float16, float32, float64 or bfloat16 (``ml_dtypes.bfloat16``, which NumPy
+alone lacks). safetensors carries all four; ``.npz`` cannot store bfloat16 (NumPy records
+it as raw 2-byte records), so saving one there is a ValueError that says to use
+safetensors. Reading a bfloat16 file needs ``ml_dtypes`` (a CheckpointError naming it
+otherwise).
 """
 
 from __future__ import annotations
@@ -15,8 +22,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
+import re
+import struct
 import zipfile
+import zlib
 from typing import Any, Mapping, Union
 
 import numpy as np
@@ -37,20 +48,45 @@ class CheckpointError(ValueError):
     """A parameter file or legacy checkpoint that cannot be loaded as asked."""
 
 
+def is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (told by name: ml_dtypes is optional)."""
+    return dtype.name == "bfloat16"
+
+
+def is_parameter_dtype(dtype: np.dtype) -> bool:
+    """float16, float32, float64 (any NumPy real float) or bfloat16: what parameters hold."""
+    return dtype.kind == "f" or is_bfloat16(dtype)
+
+
 def checkpoint_array(name: str, value: Any) -> np.ndarray:
-    """``value`` as a NumPy array of real floating-point numbers, else a CheckpointError
-    naming the array: integer, boolean, complex, string or object data is never a
-    parameter, and a silent cast would hide a corrupt or mismatched file."""
+    """``value`` as a NumPy array of real floating-point numbers (float16, float32,
+    float64, or ``ml_dtypes.bfloat16``), else a CheckpointError naming the array: integer,
+    boolean, complex, float8, string or object data is never a parameter, and a silent cast
+    would hide a corrupt or mismatched file."""
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{name} cannot be read as an array: {error}") from None
-    if array.dtype.kind != "f":
+    if not is_parameter_dtype(array.dtype):
         raise CheckpointError(
             f"{name} must hold floating-point numbers (float16, float32 or float64), "
             f"got dtype {array.dtype}"
         )
     return array
+
+
+def common_dtype(*dtypes: np.dtype) -> np.dtype:
+    """The dtype arrays of ``dtypes`` combine to: their own when they agree, else NumPy's
+    promotion with bfloat16 taken as float32 (which holds it exactly)."""
+    if len(set(dtypes)) == 1:
+        return np.dtype(dtypes[0])
+    return np.result_type(*(np.float32 if is_bfloat16(np.dtype(d)) else d for d in dtypes))
+
+
+def working_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype to compute in for arrays of ``dtype``: float32 for the 16-bit floats
+    (float16, bfloat16), whose own arithmetic would round every partial sum."""
+    return np.dtype(np.float32) if dtype.itemsize < 4 else np.dtype(dtype)
 
 
 @dataclasses.dataclass
@@ -73,9 +109,14 @@ class DOConvParams:
         check_params(self.spec, self.D, self.W, self.bias)
 
     def kernel(self) -> np.ndarray:
-        """The composed OIHW kernel."""
-        return compose_kernel(self.D, self.W, groups=self.spec.groups,
-                              kernel_size=self.spec.kernel_size)
+        """The composed OIHW kernel, in the parameters' dtype (composed in float32 when that
+        is a 16-bit float)."""
+        dtype = common_dtype(*(a.dtype for a in (self.W, self.D) if a is not None))
+        work = working_dtype(dtype)
+        kernel = compose_kernel(None if self.D is None else self.D.astype(work),
+                                self.W.astype(work), groups=self.spec.groups,
+                                kernel_size=self.spec.kernel_size)
+        return kernel.astype(dtype)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         save_params(path, {"layer": self})
@@ -98,17 +139,22 @@ def assignable_params(params: Any, spec: ConvSpec) -> DOConvParams:
     """``params`` checked for a layer with ``spec``, as every adapter's ``set_params`` does
     before it changes anything: DOConvParams describing the same function, with real
     floating-point arrays of the layer's shapes (a ValueError naming what is wrong). Returns
-    them with the layer's spec."""
+    them with the layer's spec; bfloat16 arrays come widened to float32 (exactly), since
+    no framework takes ml_dtypes arrays, and each adapter casts to its layer's dtype."""
     if not isinstance(params, DOConvParams):
         raise ValueError(f"params must be DOConvParams, got {type(params).__name__}")
     if not params.spec.same_function(spec):
         raise ValueError(f"params.spec must describe this layer's function, {spec}; "
                          f"got {params.spec}")
-    arrays = {name: None if array is None else checkpoint_array(name, array)
+    arrays = {name: None if array is None else _widen_bfloat16(checkpoint_array(name, array))
               for name, array in (("W", params.W), ("D", params.D), ("bias", params.bias))}
     if spec.in_channels is None:
         spec = spec.with_in_channels(params.spec.in_channels)
     return DOConvParams(spec, arrays["W"], arrays["D"], arrays["bias"])
+
+
+def _widen_bfloat16(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if is_bfloat16(array.dtype) else array
 
 
 def _writes_npz(path: Union[str, os.PathLike]) -> bool:
@@ -153,6 +199,14 @@ def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, Param
     layers = _check_layers(layers)
     specs = {name: params.spec.to_dict() for name, params in layers.items()}
     if _writes_npz(path):
+        for name, params in layers.items():
+            for part, array in _parts(params).items():
+                if not np.asarray(array).dtype.kind == "f":
+                    raise ValueError(
+                        f"layers[{name!r}].{part} has dtype {np.asarray(array).dtype}, which "
+                        "the .npz container cannot store (float16, float32 and float64 "
+                        "only): save to a .safetensors path, which holds bfloat16 too, or "
+                        "cast to float32")
         meta = {"format": FORMAT_NAME, "version": NPZ_VERSION, "layers": specs}
         arrays = {f"{name}/{part}": array for name, params in layers.items()
                   for part, array in _parts(params).items()}
@@ -172,9 +226,11 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
     """Read a file written by ``save_params``: safetensors (version 3) or ``.npz`` (versions
     1 and 2), told apart by content, not by name. Returns {layer name: DOConvParams} in the
     file's order. Every problem (missing, truncated, corrupt or foreign file, missing or
-    extra arrays, non-floating dtypes, wrong shapes, invalid settings) is a CheckpointError
-    naming the file and, where relevant, the layer and the array; nothing in the file is
-    ever executed."""
+    extra arrays, non-floating dtypes, wrong shapes, invalid settings, metadata nested
+    deeper than ``tensorfile.MAX_JSON_DEPTH``; bfloat16 without ``ml_dtypes``) is a
+    CheckpointError naming the file and, where relevant, the layer and the array; nothing in
+    the file is ever executed. Arrays keep their stored dtype (bfloat16 as
+    ``ml_dtypes.bfloat16``)."""
     from .tensorfile import is_safetensors
 
     where = repr(os.fspath(path))
@@ -184,7 +240,9 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
             magic = handle.read(6)
     except OSError as error:
         raise CheckpointError(f"{where} is not a readable {kind} file: {error}") from None
-    if magic.startswith((b"PK", b"\x93NUMPY")):
+    if magic.startswith(_NPY_MAGIC):
+        raise CheckpointError(f"{where} is a single .npy array, not a doconv .npz file")
+    if magic.startswith(b"PK"):
         return _load_npz(path, where)
     if is_safetensors(path):
         return _load_safetensors(path, where)
@@ -197,7 +255,7 @@ def load_params(path: Union[str, os.PathLike]) -> dict[str, DOConvParams]:
 
 
 def _load_safetensors(path: Union[str, os.PathLike], where: str) -> dict[str, DOConvParams]:
-    from .tensorfile import DTYPES, read_safetensors, read_safetensors_header
+    from .tensorfile import parse_json, read_safetensors, read_safetensors_header
 
     entries, meta = read_safetensors_header(path)
     if meta.get("format") != FORMAT_NAME:
@@ -213,14 +271,11 @@ def _load_safetensors(path: Union[str, os.PathLike], where: str) -> dict[str, DO
         )
     if "layers" not in meta:
         raise CheckpointError(f"{where} has no doconv metadata: its metadata has no 'layers'")
-    try:
-        described = json.loads(meta["layers"])
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{where} has corrupt metadata: {error}") from None
+    described = parse_json(meta["layers"], where, "has corrupt metadata 'layers'")
     for name, entry in entries.items():
-        # Checked before reading: a BF16 or F8 tensor would otherwise need ml_dtypes only to
-        # be refused. Other dtypes are refused below, by layer and array.
-        if DTYPES[entry["dtype"]][1] is None:
+        # Checked before reading: an F8 tensor would otherwise need ml_dtypes only to be
+        # refused. Other dtypes are refused below, by layer and array.
+        if entry["dtype"] not in _SAFETENSORS_FLOATS and entry["dtype"].startswith("F"):
             raise CheckpointError(f"{where}: tensor {name!r} must hold floating-point numbers "
                                   f"(float16, float32 or float64), got dtype {entry['dtype']}")
     arrays, _ = read_safetensors(path, mmap=False)
@@ -228,33 +283,110 @@ def _load_safetensors(path: Union[str, os.PathLike], where: str) -> dict[str, DO
 
 
 def _load_npz(path: Union[str, os.PathLike], where: str) -> dict[str, DOConvParams]:
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise CheckpointError(f"{where} is not a readable .npz file: {error}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise CheckpointError(f"{where} is a single .npy array, not a doconv .npz file")
-    with archive:
-        try:
-            arrays = {key: archive[key] for key in archive.files}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
-            # allow_pickle=False makes object arrays fail here instead of unpickling.
-            raise CheckpointError(f"{where} holds an array that cannot be read safely: {error}"
-                                  ) from None
+    from .tensorfile import MAX_HEADER_SIZE, parse_json
+
+    arrays = read_npz(path, where)
     if _META_KEY not in arrays:
         raise CheckpointError(f"{where} has no doconv metadata: not a doconv parameter file")
-    try:
-        meta = json.loads(str(arrays.pop(_META_KEY)))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{where} has corrupt metadata: {error}") from None
+    text = arrays.pop(_META_KEY)
+    if text.dtype.kind != "U" or text.shape != () or text.dtype.itemsize > 4 * MAX_HEADER_SIZE:
+        raise CheckpointError(f"{where} has corrupt metadata: {_META_KEY} must be one JSON "
+                              f"string of at most {MAX_HEADER_SIZE} characters, got "
+                              f"dtype {text.dtype} shape {text.shape}")
+    meta = parse_json(str(text), where, "has corrupt metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{where} is not a {FORMAT_NAME} file")
-    if meta.get("version") not in READABLE_VERSIONS:
+    if meta.get("version") not in READABLE_VERSIONS or isinstance(meta.get("version"), bool):
         raise CheckpointError(
             f"{where} has format version {meta.get('version')!r}; this doconv reads versions "
             f"{', '.join(str(v) for v in READABLE_VERSIONS)}"
         )
     return _build_layers(where, meta.get("layers"), arrays, "/")
+
+
+_SAFETENSORS_FLOATS = ("F16", "BF16", "F32", "F64")
+_NPY_MAGIC = b"\x93NUMPY"
+# What np.save writes: {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), } padded.
+_NPY_HEADER = re.compile(r"\{'descr': *'([<>|=]?[a-zA-Z]\d{0,9})', *'fortran_order': *"
+                         r"(True|False), *'shape': *\(((?: *\d+ *,)*(?: *\d+ *)?)\), *\} *\n?")
+_DEFLATE_RATIO = 1032  # deflate's largest expansion: no honest member inflates further
+# What reading a hostile zip archive raises (zipfile's own checks, zlib, short reads).
+_ZIP_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile,
+               NotImplementedError, zlib.error, struct.error)
+
+
+def read_npz(path: Union[str, os.PathLike], where: str) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` archive ``path`` ({member name without .npy: array}),
+    read without NumPy's loader: only .npy members of plain dtypes (no objects, no
+    pickles, no structured records), each size checked against what the archive can hold
+    before anything is allocated. Every problem is a CheckpointError starting with
+    ``where``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            names = [info.filename for info in infos]
+            if len(set(names)) != len(names):
+                repeated = sorted({name for name in names if names.count(name) > 1})
+                raise CheckpointError(f"{where} is a corrupt .npz file: it holds the members "
+                                      f"{repeated} more than once")
+            return {info.filename[:-4]: _read_npy_member(archive, info, where)
+                    for info in infos}
+    except CheckpointError:
+        raise
+    except _ZIP_ERRORS as error:
+        raise CheckpointError(f"{where} is not a readable .npz file: {error}") from None
+
+
+def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str
+                     ) -> np.ndarray:
+    from .tensorfile import check_numpy_shape
+
+    member = f"{where}: member {info.filename!r}"
+    if not info.filename.endswith(".npy"):
+        raise CheckpointError(f"{member} is not a .npy array (a doconv .npz file holds .npy "
+                              "arrays only)")
+    if info.flag_bits & 0x1:
+        raise CheckpointError(f"{member} is encrypted")
+    if info.compress_type == zipfile.ZIP_STORED:
+        holds = info.compress_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        holds = info.compress_size * _DEFLATE_RATIO + 64
+    else:
+        raise CheckpointError(f"{member} uses zip compression method {info.compress_type}; "
+                              "np.savez writes stored or deflated members only")
+    if info.file_size > holds:
+        raise CheckpointError(f"{member} claims {info.file_size} bytes, more than its "
+                              f"{info.compress_size} stored bytes can hold: a corrupt file")
+    data = archive.read(info)
+    version = data[6:7]
+    if not data.startswith(_NPY_MAGIC) or version not in (b"\x01", b"\x02", b"\x03"):
+        raise CheckpointError(f"{member} is not a .npy array (it starts with {data[:8]!r})")
+    start = 10 if version == b"\x01" else 12
+    if len(data) < start:
+        raise CheckpointError(f"{member} is truncated inside its .npy header")
+    (size,) = struct.unpack("<H" if version == b"\x01" else "<I", data[8:start])
+    header = data[start:start + size].decode("utf-8" if version == b"\x03" else "latin1")
+    match = _NPY_HEADER.fullmatch(header)
+    if len(header) != size or match is None:
+        raise CheckpointError(f"{member} has a .npy header doconv does not read (not what "
+                              f"np.save writes): {header[:120]!r}")
+    try:
+        dtype = np.dtype(match.group(1))
+    except (TypeError, ValueError, OverflowError) as error:
+        raise CheckpointError(f"{member} has an unknown dtype {match.group(1)!r}: {error}"
+                              ) from None
+    if dtype.hasobject:
+        raise CheckpointError(f"{where} holds an array that cannot be read safely: member "
+                              f"{info.filename!r} is an object array, which only unpickling "
+                              "could read")
+    shape = tuple(int(n) for n in match.group(3).split(",") if n.strip())
+    check_numpy_shape(shape, where, info.filename[:-4])
+    needed = math.prod(shape) * dtype.itemsize
+    if len(data) - start - size != needed:
+        raise CheckpointError(f"{member} holds {len(data) - start - size} bytes of data, but "
+                              f"its dtype {dtype} and shape {shape} need {needed}")
+    array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start + size)
+    return array.reshape(shape, order="F" if match.group(2) == "True" else "C").copy()
 
 
 def _build_layers(where: str, described: Any, arrays: dict[str, np.ndarray], separator: str

@@ -10,8 +10,9 @@ exactly; nothing in the file is ever executed.
 
 doconv_core stays NumPy-only, so this module implements the format itself, with the
 reference implementation's validation rules (header at most 100 MB and starting with
-``{``, no duplicate names, offsets in order and without gaps or overlaps, each byte range
-the size its dtype and shape give, metadata strings only). Files it writes lay out tensors
+``{``, JSON nested at most 128 deep, checked before it is parsed, no duplicate names,
+offsets in order and without gaps or overlaps, each byte range the size its dtype and shape
+give, metadata strings only). Files it writes lay out tensors
 as the reference writer does (sorted by dtype, largest first, then by name), so they are
 byte-identical to its files but for the order of metadata keys (sorted here; the
 reference's follows a hash map). BF16 and the 8-bit float dtypes read as ``ml_dtypes`` arrays
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 from typing import Any, Mapping, Optional, Union
@@ -35,11 +37,16 @@ import numpy as np
 from .params import CheckpointError
 
 __all__ = ["read_safetensors", "read_safetensors_header", "write_safetensors",
-           "is_safetensors", "MAX_HEADER_SIZE", "DTYPES"]
+           "is_safetensors", "parse_json", "MAX_HEADER_SIZE", "MAX_JSON_DEPTH", "DTYPES"]
 
 PathLike = Union[str, os.PathLike]
 
 MAX_HEADER_SIZE = 100_000_000  # the reference implementation's limit (100 MB)
+# serde_json's nesting limit, which the reference implementation parses under; Python's json
+# recurses once per level and would raise RecursionError on a hostile file.
+MAX_JSON_DEPTH = 128
+# NumPy's limit on array dimensions (32 before NumPy 2).
+_MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
 _METADATA = "__metadata__"
 _ALIGNMENT = 8  # the header is padded so that the data starts 8-byte aligned
 
@@ -95,6 +102,14 @@ def _numpy_dtype(code: str, where: str, name: str) -> np.dtype:
                           "as a NumPy array (sub-byte elements)")
 
 
+def check_numpy_shape(shape: tuple[int, ...], where: str, name: str) -> None:
+    # The format allows any rank and, for an empty tensor, any dimension; NumPy does not.
+    if len(shape) > _MAX_DIMS or any(n >= 2**63 for n in shape):
+        raise CheckpointError(f"{where}: tensor {name!r} has shape {shape}, which cannot be "
+                              f"read as a NumPy array (at most {_MAX_DIMS} dimensions, each "
+                              "below 2**63)")
+
+
 def _safetensors_dtype(dtype: np.dtype) -> Optional[str]:
     """The safetensors code of a NumPy dtype, None when the format has none."""
     if dtype.kind in "biufc":
@@ -123,6 +138,42 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_CHUNK = 1 << 20
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in the JSON ``text``, ignoring brackets
+    inside strings; linear time and no recursion, so it is safe on any input."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    deepest = level = 0
+    for start in range(0, codes.size, _DEPTH_CHUNK):  # bounded memory on a 100 MB header
+        chunk = codes[start:start + _DEPTH_CHUNK]
+        levels = level + np.cumsum(np.where((chunk == 0x7B) | (chunk == 0x5B), 1, -1),
+                                   dtype=np.int64)
+        deepest = max(deepest, int(levels.max()))
+        level = int(levels[-1])
+    return deepest
+
+
+def parse_json(text: str, where: str, problem: str, *, unique_keys: bool = True) -> Any:
+    """``text`` parsed as JSON, else a CheckpointError ``"{where} {problem} (...)"``, where
+    ``where`` names the file and ``problem`` the part ("has a corrupt safetensors header"):
+    for invalid JSON, a repeated key in an object (with ``unique_keys``: two readers would
+    disagree about which one counts) or nesting deeper than MAX_JSON_DEPTH, which is
+    checked before parsing."""
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{where} {problem} (JSON nested {depth} levels deep, over the "
+                              f"limit of {MAX_JSON_DEPTH})")
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates if unique_keys else None)
+    except ValueError as error:  # json.JSONDecodeError included
+        raise CheckpointError(f"{where} {problem} (invalid JSON): {error}") from None
+
+
 def _parse_header(raw: bytes, where: str, data_size: int
                   ) -> tuple[dict[str, dict], dict[str, str]]:
     """Validate the JSON header ``raw`` against ``data_size`` bytes of data."""
@@ -133,11 +184,7 @@ def _parse_header(raw: bytes, where: str, data_size: int
     if not text.startswith("{"):
         raise CheckpointError(f"{where} is not a safetensors file: its header does not start "
                               f"with '{{' (starts with {text[:16]!r})")
-    try:
-        header = json.loads(text, object_pairs_hook=_reject_duplicates)
-    except ValueError as error:  # json.JSONDecodeError included
-        raise CheckpointError(f"{where} has a corrupt safetensors header (invalid JSON): "
-                              f"{error}") from None
+    header = parse_json(text, where, "has a corrupt safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{where} has a corrupt safetensors header: expected a JSON "
                               f"object, got {type(header).__name__}")
@@ -259,6 +306,8 @@ def read_safetensors(path: PathLike, *, mmap: bool = True
             entries, metadata, start = _read_header(handle, where, file_size)
             dtypes = {name: _numpy_dtype(entry["dtype"], where, name)
                       for name, entry in entries.items()}
+            for name, entry in entries.items():
+                check_numpy_shape(entry["shape"], where, name)
             if mmap and file_size > start:
                 buffer = np.memmap(handle, dtype=np.uint8, mode="r")
             else:

@@ -1,8 +1,10 @@
 """The portable parameter container: safetensors (version 3), and .npz (versions 1, 2)."""
 
+import importlib.util
 import json
 import os
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -294,7 +296,7 @@ def doconv_safetensors(path, change=None):
     (lambda a, m: m.clear(), r"is a safetensors file but not a doconv.params file: its "
                              r"metadata has no 'format' \(keys \[\]\)$"),
     (lambda a, m: m.pop("layers"), r"has no doconv metadata: its metadata has no 'layers'$"),
-    (lambda a, m: m.update(layers="{not json"), r"has corrupt metadata: "),
+    (lambda a, m: m.update(layers="{not json"), r"has corrupt metadata .layers. \(invalid JSON\): "),
     (lambda a, m: m.update(layers="[1, 2]"), r"has invalid metadata: 'layers' must map layer "
                                              r"names to settings, got list$"),
     (lambda a, m: a.pop("head.W"), r": layer 'head' is missing its W array$"),
@@ -321,21 +323,42 @@ def test_load_rejects_bad_safetensors_files(tmp_path, change, message):
     assert str(error.value).startswith(repr(str(path)))
 
 
-def test_load_refuses_extension_dtypes_before_reading(tmp_path):
+def with_two_byte_bias(tmp_path, code):
+    """A saved model whose head.bias is re-labelled as the 2-byte dtype ``code``."""
     path = doconv_safetensors(tmp_path / "model.safetensors")
     entries, metadata, data = safetensors_parts(path)
     begin, end = entries["head.bias"]["data_offsets"]
-    entries["head.bias"] = {"dtype": "BF16", "shape": [4], "data_offsets": [begin, begin + 8]}
-    shift = end - begin - 8  # F32 to BF16: the later tensors move down
+    entries["head.bias"] = {"dtype": code, "shape": [4], "data_offsets": [begin, begin + 8]}
+    shift = end - begin - 8  # F32 to a 2-byte dtype: the later tensors move down
     for name, entry in entries.items():
         if name != "head.bias" and entry["data_offsets"][0] >= end:
             entry["data_offsets"] = [entry["data_offsets"][0] - shift,
                                      entry["data_offsets"][1] - shift]
     write_safetensors_parts(path, entries, metadata, data[:begin + 8] + data[end:])
+    return path
+
+
+def test_load_refuses_float8_before_reading(tmp_path):
+    path = with_two_byte_bias(tmp_path, "F8_E4M3")
+    entries, metadata, data = safetensors_parts(path)
+    entries["head.bias"]["shape"] = [8]
+    write_safetensors_parts(path, entries, metadata, data)
     with pytest.raises(dc.CheckpointError, match=re.escape(
             f"{str(path)!r}: tensor 'head.bias' must hold floating-point numbers (float16, "
-            "float32 or float64), got dtype BF16")):
+            "float32 or float64), got dtype F8_E4M3")):
         dc.load_params(path)
+
+
+def test_bfloat16_loads_with_ml_dtypes_and_names_it_without(tmp_path):
+    path = with_two_byte_bias(tmp_path, "BF16")
+    if importlib.util.find_spec("ml_dtypes") is None:
+        with pytest.raises(dc.CheckpointError, match=re.escape(
+                f"{str(path)!r}: tensor 'head.bias' has dtype BF16, which NumPy reads only "
+                "with the ml_dtypes package; install ml_dtypes")):
+            dc.load_params(path)
+    else:
+        bias = dc.load_params(path)["head"].bias
+        assert bias.dtype.name == "bfloat16" and bias.shape == (4,)
 
 
 def test_load_of_corrupt_and_foreign_safetensors_files(tmp_path):
@@ -400,3 +423,208 @@ def test_save_rejects_layers_that_are_not_a_mapping(tmp_path):
                                          "names to them, got list"):
         dc.save_params(tmp_path / "x.safetensors", [LAYERS["head"]])
     assert os.listdir(tmp_path) == []
+
+
+# -- hostile files: nesting, sizes and headers that would exhaust the stack or the memory ----
+DEEP = "[" * 100_000 + "]" * 100_000  # Python's json recursion stops near 1,000
+
+
+def test_deeply_nested_layers_metadata_is_a_checkpoint_error(tmp_path):
+    path = doconv_safetensors(tmp_path / "model.safetensors",
+                              lambda a, m: m.update(layers='{"head": ' + DEEP + "}"))
+    with pytest.raises(dc.CheckpointError, match=re.escape(
+            f"{str(path)!r} has corrupt metadata 'layers' (JSON nested 100001 levels deep, "
+            "over the limit of 128)")):
+        dc.load_params(path)
+    npz = tmp_path / "model.npz"
+    dc.save_params(npz, LAYERS)
+    rewrite(npz, lambda a: a.update({_META_KEY: np.array('{"layers": ' + DEEP + "}")}))
+    with pytest.raises(dc.CheckpointError, match=r"has corrupt metadata \(JSON nested 100001 "):
+        dc.load_params(npz)
+
+
+def test_deeply_nested_safetensors_header_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    text = ('{"x": ' + DEEP + "}").encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+    with pytest.raises(dc.CheckpointError, match=r"has a corrupt safetensors header \(JSON "
+                                                 r"nested 100001 levels deep"):
+        dc.load_params(path)
+
+
+def test_brackets_inside_json_strings_do_not_count_as_nesting(tmp_path):
+    # A layer name full of brackets (and an escaped quote) is still one level of nesting.
+    name = '[[[{"' * 100
+    params = {name: LAYERS["head"]}
+    for suffix in ("safetensors", "npz"):
+        dc.save_params(tmp_path / f"m.{suffix}", params)
+        assert list(dc.load_params(tmp_path / f"m.{suffix}")) == [name]
+
+
+def npz_member(path, member, change):
+    """Rewrite one member's raw bytes (``change(bytes) -> bytes``) in the .npz at ``path``."""
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    members[member] = change(members[member])
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def npy_header(data, header):
+    """A version-1 .npy member ``data`` with its header text replaced by ``header``."""
+    size = int.from_bytes(data[8:10], "little")
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    return data[:8] + len(text).to_bytes(2, "little") + text + data[10 + size:]
+
+
+@pytest.mark.parametrize("header, message", [
+    # 10**12 float32 elements: NumPy's reader would allocate 4 TB before reading (MemoryError).
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 1000000), }",
+     r"member 'head/W.npy' holds 128 bytes of data, but its dtype float32 and shape "
+     r"\(1000000, 1000000\) need 4000000000000"),
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': (0, 9223372036854775808), }",
+     r"has shape \(0, 9223372036854775808\), which cannot be read as a NumPy array"),
+    # A header NumPy would hand to ast.literal_eval: a RecursionError 5,000 levels down.
+    ("{'descr': '<f4', 'fortran_order': False, 'shape': " + "- " * 5000 + "1, }",
+     r"member 'head/W.npy' has a .npy header doconv does not read"),
+    ("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (64,), }",
+     r"has a .npy header doconv does not read"),
+    ("{'descr': '|O', 'fortran_order': False, 'shape': (4,), }", r"cannot be read safely"),
+])
+def test_hostile_npy_headers_are_refused_before_allocating(tmp_path, header, message):
+    path = tmp_path / "model.npz"
+    dc.save_params(path, LAYERS)
+    npz_member(path, "head/W.npy", lambda data: npy_header(data, header))
+    with pytest.raises(dc.CheckpointError, match=message):
+        dc.load_params(path)
+
+
+def test_corrupt_zip_archives_are_checkpoint_errors(tmp_path):
+    path = tmp_path / "model.npz"
+    dc.save_params(path, LAYERS)
+    raw = bytearray(path.read_bytes())
+    # An unknown compression method in the central directory (zipfile: NotImplementedError).
+    central = raw.rindex(b"PK\x01\x02")
+    raw[central + 10:central + 12] = (99).to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(dc.CheckpointError, match="uses zip compression method 99"):
+        dc.load_params(path)
+    # A deflated member whose data is garbage (zlib.error), and one claiming to inflate past
+    # what deflate can do.
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("head/W.npy", bytes(1000))
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"PK\x03\x04") + 30 + len("head/W.npy")
+    raw[start:start + 4] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(dc.CheckpointError, match="is not a readable .npz file"):
+        dc.load_params(path)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("head/W.npy", bytes(10**7))
+    raw = bytearray(path.read_bytes())
+    central = raw.rindex(b"PK\x01\x02")
+    raw[central + 24:central + 28] = (10**12 % 2**32).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(dc.CheckpointError, match="stored bytes can hold"):
+        dc.load_params(path)
+
+
+def test_npz_members_must_be_npy_arrays_named_once(tmp_path):
+    path = tmp_path / "model.npz"
+    dc.save_params(path, LAYERS)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("notes.txt", b"hello")
+    with pytest.raises(dc.CheckpointError, match=r"member 'notes.txt' is not a .npy array"):
+        dc.load_params(path)
+    dc.save_params(path, LAYERS)
+    with zipfile.ZipFile(path) as archive:
+        again = archive.read("head/W.npy")
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        with zipfile.ZipFile(path, "a") as archive:
+            archive.writestr("head/W.npy", again)
+    with pytest.raises(dc.CheckpointError, match=r"holds the members \['head/W.npy'\] more "
+                                                 r"than once"):
+        dc.load_params(path)
+
+
+def test_npz_arrays_keep_dtype_byte_order_and_fortran_order(tmp_path):
+    path = tmp_path / "model.npz"
+    dc.save_params(path, LAYERS)
+    W = LAYERS["head"].W
+    rewrite(path, lambda a: a.update({"head/W": np.asfortranarray(W.astype(">f8"))}))
+    loaded = dc.load_params(path)["head"].W
+    assert loaded.dtype == np.dtype(">f8") and loaded.flags.writeable
+    np.testing.assert_array_equal(loaded, W)
+
+
+# -- 16-bit floats: carried by the container, composed in float32 -------------------------
+def half_layers(dtype):
+    return {name: make_params(params.spec, index, np.float32) for index, (name, params)
+            in enumerate(LAYERS.items())} | {
+        "half": dc.DOConvParams(LAYERS["stem.conv"].spec,
+                                *(None if a is None else a.astype(dtype) for a in (
+                                    LAYERS["stem.conv"].W, LAYERS["stem.conv"].D,
+                                    LAYERS["stem.conv"].bias)))}
+
+
+def same_arrays(a, b):
+    for part in ("W", "D", "bias"):
+        x, y = getattr(a, part), getattr(b, part)
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.dtype == y.dtype
+            assert x.tobytes() == y.tobytes()
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "npz"])
+def test_float16_round_trips_in_both_containers(tmp_path, suffix):
+    layers = half_layers(np.float16)
+    dc.save_params(tmp_path / f"m.{suffix}", layers)
+    loaded = dc.load_params(tmp_path / f"m.{suffix}")
+    for name in layers:
+        same_arrays(layers[name], loaded[name])
+
+
+def test_bfloat16_round_trips_in_safetensors_and_is_refused_by_npz(tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # core env: the no-ml_dtypes case is above
+    layers = half_layers(ml_dtypes.bfloat16)
+    dc.save_params(tmp_path / "m.safetensors", layers)
+    entries, _ = dc.read_safetensors_header(tmp_path / "m.safetensors")
+    assert entries["half.W"]["dtype"] == "BF16"
+    loaded = dc.load_params(tmp_path / "m.safetensors")
+    for name in layers:
+        same_arrays(layers[name], loaded[name])
+    with pytest.raises(ValueError, match=r"layers\['half'\].W has dtype bfloat16, which the "
+                                         r".npz container cannot store .*save to a "
+                                         r".safetensors path"):
+        dc.save_params(tmp_path / "m.npz", layers)
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_16_bit_kernels_compose_in_float32_and_keep_their_dtype(half):
+    dtype = np.dtype(np.float16) if half == "float16" else np.dtype(
+        pytest.importorskip("ml_dtypes").bfloat16)
+    stem = LAYERS["stem.conv"]
+    params = dc.DOConvParams(stem.spec, stem.W.astype(dtype), stem.D.astype(dtype), stem.bias)
+    expected = dc.compose_kernel(params.D.astype(np.float32), params.W.astype(np.float32),
+                                 groups=stem.spec.groups, kernel_size=stem.spec.kernel_size)
+    kernel = params.kernel()
+    assert kernel.dtype == dtype
+    assert kernel.tobytes() == expected.astype(dtype).tobytes()
+
+
+def test_checkpoint_array_takes_bfloat16_and_assignable_params_widens_it():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    values = np.array([1.5, -2.0], ml_dtypes.bfloat16)
+    assert dc.checkpoint_array("W", values) is values
+    with pytest.raises(dc.CheckpointError, match=r"W must hold floating-point numbers .* got "
+                                                 r"dtype float8_e4m3fn"):
+        dc.checkpoint_array("W", values.astype(ml_dtypes.float8_e4m3fn))
+    head = LAYERS["head"]
+    params = dc.DOConvParams(head.spec, head.W.astype(ml_dtypes.bfloat16), None, head.bias)
+    assigned = dc.assignable_params(params, head.spec)
+    assert assigned.W.dtype == np.float32
+    np.testing.assert_array_equal(assigned.W, head.W.astype(ml_dtypes.bfloat16).astype(np.float32))

@@ -13,6 +13,8 @@ import doconv_core as dc
 from doconv_core.params import CheckpointError
 from doconv_core.tensorfile import (
     MAX_HEADER_SIZE,
+    MAX_JSON_DEPTH,
+    json_depth,
     is_safetensors,
     read_safetensors,
     read_safetensors_header,
@@ -309,3 +311,37 @@ def test_exported_from_package():
     assert dc.read_safetensors is read_safetensors and dc.write_safetensors is write_safetensors
     assert dc.is_safetensors is is_safetensors
     assert dc.read_safetensors_header is read_safetensors_header
+
+
+def test_deeply_nested_headers_are_refused_before_parsing(tmp_path):
+    # Python's json recurses once per level: 100,000 levels would be a RecursionError.
+    deep = "[" * 100_000 + "]" * 100_000
+    for header, depth in (('{"x": ' + deep + "}", 100001),
+                          ('{"__metadata__": {"k": ' + deep + "}}", 100002)):
+        path = raw_file(tmp_path / "deep.safetensors", header.encode())
+        for read in (read_safetensors, read_safetensors_header):
+            with pytest.raises(CheckpointError, match=re.escape(
+                    f"{str(path)!r} has a corrupt safetensors header (JSON nested {depth} levels "
+                    f"deep, over the limit of {MAX_JSON_DEPTH})")):
+                read(path)
+    # At the limit, the header is parsed (and refused for what it is).
+    path = raw_file(tmp_path / "limit.safetensors",
+                    ('{"x": ' + "[" * 127 + "]" * 127 + "}").encode())
+    with pytest.raises(CheckpointError, match="tensor 'x' has an invalid header entry"):
+        read_safetensors(path)
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    assert json_depth('{"a": "[[{{", "b": ["\\"]]]", [1]]}') == 3
+    assert json_depth("") == 0 and json_depth('"[[["') == 0
+    assert json_depth("[" * 10 + "]" * 10 + "[[]]") == 10
+
+
+def test_shapes_numpy_cannot_hold_are_checkpoint_errors(tmp_path):
+    # Empty tensors of any shape are valid safetensors; NumPy caps the rank and dimensions.
+    for shape in ([0, 2**63], [1] * 65 + [0]):
+        path = raw_file(tmp_path / "t.safetensors", {"x": entry("F32", shape, 0, 0)})
+        assert read_safetensors_header(path)[0]["x"]["shape"] == tuple(shape)
+        with pytest.raises(CheckpointError, match=r"tensor 'x' has shape .* which cannot be "
+                                                  r"read as a NumPy array"):
+            read_safetensors(path)
