@@ -120,18 +120,38 @@ def stop_requested(processes: Processes) -> bool:
     return flag
 
 
+# What a scheduler (SIGTERM) or a terminal (SIGINT) sends the whole process group.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _data_worker_init(worker_id: int) -> None:
-    # A data-loading worker leaves SIGTERM (sent to the whole process group by a
-    # scheduler) to its training process, which stops cleanly at the next step and then
-    # ends its workers (``batches``); a worker killed first would fail the step instead.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A data-loading worker leaves the stop signals to its training process, which stops
+    # cleanly at the next step and then ends its workers (``batches``); a worker killed
+    # first would fail the step instead. It was started with them blocked (``batches``):
+    # ignored from here on, one that arrived while it started is discarded.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """The stop signals held back in this thread: a worker process started meanwhile
+    inherits the mask, so a group signal cannot kill it in the seconds a spawned
+    interpreter takes to reach ``_data_worker_init``; this process gets any on leaving."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @contextlib.contextmanager
 def batches(data_loader: DataLoader):
     """Iterate ``data_loader``, its worker processes always shut down on leaving, also on
     an error: at interpreter exit multiprocessing would SIGTERM them, which they ignore."""
-    iterator = iter(data_loader)
+    with _stop_signals_blocked():  # iter() starts the workers
+        iterator = iter(data_loader)
     try:
         yield iterator
     finally:

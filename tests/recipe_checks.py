@@ -212,4 +212,9 @@ def terminate_after(command: Sequence[str], marker: Path, env: Mapping[str, str]
         if process.poll() is None:
             process.kill()
             process.wait()
+        if group:  # no worker outlives the test
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     return process.returncode, stderr

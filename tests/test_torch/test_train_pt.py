@@ -181,6 +181,24 @@ def test_sigterm_on_one_process_exits_143(tmp_path, folder):
     assert load(tmp_path / "checkpoint.pt")["epoch"] >= 1
 
 
+def test_sigterm_to_the_process_group_with_worker_processes_exits_143(tmp_path, folder):
+    # Slurm and systemd signal the whole group, the data-loading workers too. The signal is
+    # sent as the first checkpoint appears, while the next epoch's workers start (spawned:
+    # seconds of importing torch before any code of the recipe runs in them).
+    command = [sys.executable, SCRIPT, "--data", str(folder), "--epochs", "1000",
+               "--output", str(tmp_path), *RECIPE, "--workers", "2"]
+    returncode, stderr = recipe_checks.terminate_after(command, tmp_path / "checkpoint.pt",
+                                                       environment(), REPO, TIMEOUT_S,
+                                                       group=True)
+    assert returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "exited unexpectedly" not in stderr, stderr[-3000:]
+    assert "train_pt.py: stopped by SIGTERM; the last completed epoch's checkpoint is kept" in stderr
+    checkpoint = load(tmp_path / "checkpoint.pt")
+    assert 1 <= checkpoint["epoch"] < 1000
+    assert len(checkpoint["metrics_epochs"]) == checkpoint["epoch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.json"]
+
+
 def test_bad_input_under_torchrun_fails_on_every_rank_without_hanging(tmp_path):
     result = run([*torchrun(), SCRIPT, "--model", "resnet20", "--data",
                   str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
