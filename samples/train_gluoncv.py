@@ -46,7 +46,6 @@ os.environ.setdefault("MXNET_ENFORCE_DETERMINISM", "1")
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
-from mxnet.gluon.data.vision import transforms  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import doconv_mx  # noqa: E402
@@ -216,18 +215,16 @@ class FolderImages(gluon.data.vision.ImageFolderDataset):
     Training: a random-resized crop and a horizontal flip drawn from a seed of (seed, epoch,
     image index) alone, so that neither the loading thread nor a resume changes them
     (Gluon's RandomResizedCrop draws from Python's process-wide ``random``); validation:
-    Resize (shorter side) and CenterCrop. Then ToTensor and Normalize."""
+    Resize (shorter side) and CenterCrop. Then ToTensor and Normalize. The loader's
+    threads call it at once, so its transforms are operator calls, not Gluon blocks: a
+    block builds its graph in a name scope that is not thread-safe (``_to_input``)."""
 
     def __init__(self, items: Sequence[tuple[Path, int]], classes: Sequence[str], root: Path,
                  *, train: bool, crop: int, resize: int, seed: int) -> None:
         self._given = [(str(path), label) for path, label in items]
         self._classes = list(classes)
-        self.train, self.crop, self.seed = train, crop, seed
+        self.train, self.crop, self.resize, self.seed = train, crop, resize, seed
         self.epoch = 0  # set before each epoch's DataLoader starts
-        self._resize_crop = transforms.Compose([transforms.Resize(resize, keep_ratio=True),
-                                                transforms.CenterCrop(crop)])
-        self._to_input = transforms.Compose([transforms.ToTensor(),
-                                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         super().__init__(str(root), flag=1)
 
     def _list_images(self, root: str) -> None:  # ImageFolderDataset's own scan, replaced
@@ -250,8 +247,22 @@ class FolderImages(gluon.data.vision.ImageFolderDataset):
             if rng.random() < 0.5:
                 image = mx.nd.flip(image, axis=1)
         else:
-            image = self._resize_crop(image)
-        return self._to_input(image), label
+            image = _resize_center_crop(image, self.resize, self.crop)
+        return _to_input(image), label
+
+
+def _resize_center_crop(image: mx.nd.NDArray, resize: int, crop: int) -> mx.nd.NDArray:
+    """Gluon's ``Resize(resize, keep_ratio=True)`` then ``CenterCrop(crop)``: their
+    operators, bilinear."""
+    image = mx.nd.image.resize(image, resize, True, 1)
+    return mx.image.center_crop(image, (crop, crop), 1)[0]
+
+
+def _to_input(image: mx.nd.NDArray) -> mx.nd.NDArray:
+    """Gluon's ``ToTensor`` then ``Normalize`` (ImageNet's mean and std): their operators.
+    As hybridized blocks, loader threads building their graph at once failed at random
+    (``block.name_scope()``: 'NoneType' object has no attribute '__exit__')."""
+    return mx.nd.image.normalize(mx.nd.image.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
 
 class IdxImages(gluon.data.Dataset):
