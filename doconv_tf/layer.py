@@ -72,6 +72,8 @@ from doconv_core.spec import native_spec, padding_strings
 __all__ = ["DOConv1D", "DOConv2D", "DOConv3D"]
 
 _BACKEND = keras.backend.backend()  # fixed when keras is imported; read on every call
+INFERENCE_TENSORS = ("are torch inference tensors (built under torch.inference_mode()), which "
+                     "only inference mode can write; build the layers outside it")
 
 # The Depthwise layers' names for the kernel settings DOConv layers (and Conv layers) call
 # kernel_*.
@@ -487,17 +489,28 @@ class _DOConv(keras.layers.Layer):
         bias = None if self.bias is None else _to_numpy(self.bias)
         return DOConvParams(spec, W, D, bias)
 
+    def _holds_inference_tensors(self) -> bool:
+        """Whether a variable is a torch inference tensor that cannot be written here."""
+        if _BACKEND != "torch":
+            return False
+        import torch  # the torch backend's own
+        return not torch.is_inference_mode_enabled() and any(
+            variable.value.is_inference() for variable in self.weights)
+
     def set_params(self, params: DOConvParams) -> None:
         """Load canonical parameters describing this (built) layer's function: the core's
         shapes and real floating-point arrays, all checked before anything changes; the values
-        are cast to the variables' dtype."""
+        are cast (by Keras, bfloat16 too) to the variables' dtype."""
         spec = self._require_built("set_params")
         params = doconv_core.assignable_params(params, spec)
-        self.W.assign(np.transpose(params.W, (2, 1, 0)).astype(self.W.dtype))
-        if self.D is not None:
-            self.D.assign(np.asarray(params.D, dtype=self.D.dtype))
-        if self.bias is not None:
-            self.bias.assign(np.asarray(params.bias, dtype=self.bias.dtype))
+        if self._holds_inference_tensors():
+            raise ValueError(f"set_params: the layer's variables {INFERENCE_TENSORS}")
+        values = [(variable, ops.convert_to_tensor(value, dtype=variable.dtype))  # all first
+                  for variable, value in ((self.W, np.transpose(params.W, (2, 1, 0))),
+                                          (self.D, params.D), (self.bias, params.bias))
+                  if variable is not None]
+        for variable, value in values:
+            variable.assign(value)
 
     @classmethod
     def from_params(cls, params: DOConvParams, **kwargs: Any) -> "_DOConv":

@@ -4,8 +4,9 @@ the portable container, load the original (2-D) Keras layer's weights.
 
 ``convert`` and ``fuse`` work on Sequential and Functional models (nested ones included,
 through ``keras.models.clone_model(recursive=True)``), with layers of any rank mixed; they
-return new models with copied weights and the given layers' settings, and leave the given
-model untouched. Subclassed models have no layer graph Keras can rebuild: construct DO-Conv
+return new, uncompiled models with copied weights and the given layers' settings (the
+training configuration is not carried: compile the copy), and leave the given model
+untouched. Subclassed models have no layer graph Keras can rebuild: construct DO-Conv
 layers in them directly, and deploy each one through ``layer.fuse()`` (a built Keras layer
 with the same function) or ``export_params``. Layers are named by their Keras name (unique in
 a model); a model that is itself a DO-Conv layer is named "" (``doconv_core.ROOT_NAME`` in
@@ -14,10 +15,11 @@ files).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import numpy as np
 
@@ -26,7 +28,8 @@ import keras
 import doconv_core
 from doconv_core import ROOT_NAME, CheckpointError, DOConvParams, Include, LegacyLoadReport
 
-from .layer import _DEPTHWISE_KEYS, DOConv1D, DOConv2D, DOConv3D, _DOConv, _to_numpy
+from .layer import (_DEPTHWISE_KEYS, INFERENCE_TENSORS, DOConv1D, DOConv2D, DOConv3D, _DOConv,
+                    _to_numpy)
 
 __all__ = ["convert", "fuse", "doconv_layers", "export_params", "import_params",
            "load_legacy", "LegacyLoadReport"]
@@ -69,10 +72,28 @@ def _copy_weights(old: keras.layers.Layer, new: keras.layers.Layer) -> None:
     new.set_weights([_to_numpy(w) for w in old.weights])
 
 
+@contextlib.contextmanager
+def _compile_config_hidden(model: keras.Model) -> Iterator[None]:
+    """While open, ``model`` and its nested models read as uncompiled, so clone_model builds
+    an uncompiled copy instead of rebuilding the compile configuration (which fails for an
+    unregistered custom loss, metric or learning-rate schedule); restored on exit."""
+    compiled = [part for part in model._flatten_layers(include_self=True)
+                if isinstance(part, keras.Model) and part.compiled]
+    try:
+        for part in compiled:
+            part.compiled = False
+        yield
+    finally:
+        for part in compiled:
+            part.compiled = True
+
+
 def _clone(model: keras.Model, replace: Callable[[keras.layers.Layer], Any]
            ) -> tuple[keras.Model, int]:
     """clone_model with ``replace(layer) -> (new_layer, set_weights) | None`` per leaf layer
-    (None: a copy of the layer); returns the new model and how many layers were replaced."""
+    (None: a copy of the layer); returns the new, uncompiled model and how many layers were
+    replaced. Converting and fusing change the variables an optimizer state belongs to and
+    never need the training configuration: the copy is left for the user to compile."""
     pending: list[tuple[keras.layers.Layer, keras.layers.Layer, Any]] = []
     replaced = 0
 
@@ -86,7 +107,9 @@ def _clone(model: keras.Model, replace: Callable[[keras.layers.Layer], Any]
         pending.append((layer, *swap))
         return swap[0]
 
-    new_model = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
+    with _compile_config_hidden(model):
+        new_model = keras.models.clone_model(model, clone_function=clone_function,
+                                             recursive=True)
     for old, new, set_weights in pending:
         set_weights(old, new)
     return new_model, replaced
@@ -122,6 +145,7 @@ def convert(model: keras.Model, *, include: Include = None, D_mul: int | None = 
     name (``doconv_core.layer_filter``). Only exact instances of those classes are converted
     (a subclass may change what it computes). A kernel of one element (1x1 in 2-D) gets
     D_mul 1; ``D_mul`` applies to the others. A ValueError when nothing would be converted.
+    The copy is uncompiled, whatever ``model``'s compile configuration holds.
     """
     pick = doconv_core.layer_filter(include)
     if D_mul is not None:
@@ -159,7 +183,7 @@ def fuse(model: keras.Model) -> keras.Model:
     Conv2D or Conv3D of its rank, or a DepthwiseConv1D/DepthwiseConv2D for a depthwise one
     (groups == C_in > 1) that Keras has a depthwise layer for (no causal padding in 1-D,
     equal strides in 2-D; a 3-D one fuses to a grouped Conv3D). A model without DO-Conv
-    layers gives a copy and a UserWarning.
+    layers gives a copy and a UserWarning. The copy is uncompiled.
     """
     _check_graph_model(model, "fuse")
 
@@ -210,6 +234,13 @@ def _check_built(layers: Mapping[str, _DOConv], source: str) -> None:
                                    "model on an input or build it first")
 
 
+def _check_writable(layers: Mapping[str, _DOConv], source: str) -> None:
+    """Every (built) layer can take values here, checked before any is assigned."""
+    doconv_core.check_layers_ready(layers, source,
+                                   lambda layer: not layer._holds_inference_tensors(),
+                                   f"hold variables that {INFERENCE_TENSORS}")
+
+
 def export_params(model: keras.layers.Layer, path: Union[str, os.PathLike]) -> None:
     """Write every DO-Conv layer's parameters (any rank; the file records each one's), keyed
     by layer name, to the core's portable container: safetensors, or the ``.npz`` of earlier
@@ -226,6 +257,7 @@ def import_params(model: keras.layers.Layer, path: Union[str, os.PathLike]) -> l
     """
     layers = _file_names(model)
     _check_built(layers, repr(os.fspath(path)))
+    _check_writable(layers, repr(os.fspath(path)))
     return doconv_core.import_layers(path, layers)
 
 
@@ -259,6 +291,7 @@ def load_legacy(model: keras.layers.Layer, weights: Mapping[str, Any], *, strict
         weights, {name: layer.spec for name, layer in layers.items()}, layout="tf-legacy",
         strict=strict, loads_other_keys=False, to_array=_legacy_array, source=source)
     named = {name or ROOT_NAME: layer for name, layer in layers.items()}
+    _check_writable({name: named[name] for name in results}, source)
     for name, result in results.items():
         named[name].set_params(result.params)
     return LegacyLoadReport(results, missing, sorted(remaining))

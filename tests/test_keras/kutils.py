@@ -165,3 +165,23 @@ def expect_channels_first_refusal(request: pytest.FixtureRequest, data_format: s
         reason=f"TensorFlow's CPU kernel refuses channels-first {dtype} here (oneDNN off, or "
                f"float64): Keras' own channels_first {rank}-D {kind} layer cannot run"))
     return True
+
+
+torch_only = pytest.mark.skipif(
+    BACKEND != "torch", reason=f"needs Keras' torch backend (inference tensors); this run uses "
+                               f"{BACKEND}")
+
+
+def build_in_inference_mode(layer: keras.layers.Layer, input_shape: tuple) -> None:
+    """Build ``layer`` under torch.inference_mode(): its variables become inference tensors,
+    which only inference mode can write (the torch backend only)."""
+    import torch
+
+    with torch.inference_mode():
+        layer.build(input_shape)
+
+
+def values(model: keras.layers.Layer) -> list[np.ndarray]:
+    """Copies of every variable's values (bfloat16 ones as float32, exactly)."""
+    return [keras.ops.convert_to_numpy(keras.ops.cast(w, "float32")).copy()
+            for w in model.weights]

@@ -14,6 +14,7 @@ import doconv_tf
 from doconv_core import CheckpointError, ConvSpec, DOConvParams
 from doconv_tf import DOConv2D
 from checkpoint_files import as_int64, rewrite_npz
+from kutils import build_in_inference_mode, torch_only, values
 
 RNG = np.random.default_rng(7)
 
@@ -33,11 +34,17 @@ def two_layers(name="m"):
                              DOConv2D(2, 3, padding="same", name="b")], name=name)
 
 
-def test_import_params_into_a_partly_built_model_changes_nothing(tmp_path):
+def exported(path):
+    """A built two_layers() model and its parameters written to ``path``."""
     source = two_layers()
     source.build((None, 6, 6, 3))
-    path = tmp_path / "p.npz"
     doconv_tf.export_params(source, path)
+    return source
+
+
+def test_import_params_into_a_partly_built_model_changes_nothing(tmp_path):
+    path = tmp_path / "p.npz"
+    source = exported(path)
     target = two_layers("t")
     target.layers[0].build((None, 6, 6, 3))  # 'b' stays unbuilt
     before = weights(target)
@@ -52,10 +59,8 @@ def test_import_params_into_a_partly_built_model_changes_nothing(tmp_path):
 
 
 def test_import_params_with_an_integer_W_changes_nothing(tmp_path):
-    source = two_layers()
-    source.build((None, 6, 6, 3))
     path = tmp_path / "p.npz"
-    doconv_tf.export_params(source, path)
+    exported(path)
     rewrite_npz(path, as_int64("b/W"))
     target = two_layers("t")
     target.build((None, 6, 6, 3))
@@ -65,6 +70,51 @@ def test_import_params_with_an_integer_W_changes_nothing(tmp_path):
             "or float64), got dtype int64")):
         doconv_tf.import_params(target, path)
     assert_unchanged(target, before)
+
+
+@torch_only
+def test_imports_into_inference_tensors_change_nothing(tmp_path):
+    # A layer built under torch.inference_mode() holds inference tensors, which only
+    # inference mode can write: every import refuses before any layer changes.
+    path = tmp_path / "p.safetensors"
+    source = exported(path)
+    target = two_layers("t")
+    target.layers[0].build((None, 6, 6, 3))
+    build_in_inference_mode(target.layers[1], (None, 6, 6, 4))
+    before = weights(target)
+    problem = ("layers ['b'] hold variables that are torch inference tensors (built under "
+               "torch.inference_mode()), which only inference mode can write; build the "
+               "layers outside it")
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot load {str(path)!r}: {problem}")):
+        doconv_tf.import_params(target, path)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"cannot load the legacy checkpoint: {problem}")):
+        doconv_tf.load_legacy(target, legacy_weights(target))
+    with pytest.raises(ValueError, match=re.escape(
+            "set_params: the layer's variables are torch inference tensors")):
+        target.layers[1].set_params(source.layers[1].to_params())
+    assert_unchanged(target, before)
+    # Inside inference mode they can take values, as torch allows.
+    import torch
+
+    with torch.inference_mode():
+        assert doconv_tf.import_params(target, path) == ["a", "b"]
+    assert all(np.array_equal(a, b) for a, b in zip(weights(target), weights(source)))
+
+
+def test_import_params_into_a_bfloat16_layer(tmp_path):
+    # A bfloat16 layer after a float32 one: the values are cast by Keras (NumPy has no
+    # bfloat16), so the import cannot fail halfway.
+    path = tmp_path / "p.safetensors"
+    source = exported(path)
+    target = keras.Sequential([DOConv2D(4, 3, padding="same", name="a"),
+                               DOConv2D(2, 3, padding="same", name="b", dtype="bfloat16")])
+    target.build((None, 6, 6, 3))
+    assert target.layers[1].W.dtype == "bfloat16"
+    assert doconv_tf.import_params(target, path) == ["a", "b"]
+    expected = [keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(w, dtype), "float32"))
+                for w, dtype in zip(source.weights, ["float32"] * 3 + ["bfloat16"] * 3)]
+    assert all(np.array_equal(a, b) for a, b in zip(values(target), expected))
 
 
 def legacy_weights(model):

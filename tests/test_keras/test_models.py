@@ -228,3 +228,56 @@ def test_export_and_import_params(tmp_path):
     again = DOConv2D.from_params(params, name="again")
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(again.kernel),
                                   keras.ops.convert_to_numpy(layer.kernel))
+
+
+# -- compiled models: convert and fuse never need (nor rebuild) the training configuration ----
+class UnregisteredSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A notebook's schedule: serializable, but not registered, so Keras cannot rebuild it."""
+
+    def __call__(self, step):
+        return 0.01
+
+    def get_config(self):
+        return {}
+
+
+class Lossy(keras.losses.Loss):  # unregistered too
+    def call(self, y_true, y_pred):
+        return keras.ops.mean(keras.ops.square(y_true - y_pred))
+
+
+COMPILE_SETTINGS = {
+    "schedule": lambda: dict(optimizer=keras.optimizers.SGD(UnregisteredSchedule()),
+                             loss="mse"),
+    "loss": lambda: dict(optimizer="sgd", loss=Lossy()),
+    "metric": lambda: dict(optimizer="sgd", loss="mse", metrics=[Lossy(name="lossy")]),
+    "registered": lambda: dict(optimizer="sgd", loss="mse"),
+}
+
+
+def fit_once(model, x):
+    y = np.zeros(keras.ops.shape(model(x)), "float32")
+    model.fit(x, y, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+@pytest.mark.parametrize("settings", sorted(COMPILE_SETTINGS))
+def test_compiled_models_convert_and_fuse_to_uncompiled_copies(settings, nested):
+    model = functional()
+    x = RNG.standard_normal((2, 10, 10, 4)).astype("float32")
+    model.compile(**COMPILE_SETTINGS[settings]())
+    if nested:  # a compiled model inside another (compiled) one
+        model.get_layer("inner").compile(**COMPILE_SETTINGS[settings]())
+    expected = predict(model, x)
+    converted = doconv_tf.convert(model)
+    assert not converted.compiled and not converted.get_layer("inner").compiled
+    np.testing.assert_array_equal(predict(converted, x), expected)
+    converted.compile(**COMPILE_SETTINGS[settings]())  # the user compiles the copy
+    fit_once(converted, x)
+    fused = doconv_tf.fuse(converted)
+    assert not fused.compiled and not fused.get_layer("inner").compiled
+    np.testing.assert_array_equal(predict(fused, x), predict(converted, x))
+    # The originals keep their compile state and train on.
+    assert model.compiled and converted.compiled
+    assert model.get_layer("inner").compiled == nested
+    fit_once(model, x)
