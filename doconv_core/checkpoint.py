@@ -218,11 +218,61 @@ def export_layers(path: Source, model: Any, layers: Mapping[str, Any], kind: str
     save_params(path, {name: layer.to_params() for name, layer in layers.items()})
 
 
-def import_layers(path: Source, layers: Mapping[str, Any]) -> list[str]:
-    """Every adapter's ``import_params`` once its layers are ready: validate the whole file
-    against ``layers`` (file name -> layer with ``spec`` and ``set_params``), then assign.
-    Returns the names loaded, sorted."""
-    prepared = prepare_import(path, {name: layer.spec for name, layer in layers.items()})
+# An import's assignment of one layer: staged (checked, values prepared) before any runs.
+Assignment = Callable[[], None]
+
+
+def _set_params_later(layer: Any, params: Any) -> Assignment:
+    return lambda: layer.set_params(params)
+
+
+def stage_assignments(source: str, layers: Mapping[str, Any], params: Mapping[str, Any],
+                      stage: Callable[[Any, Any], Assignment]) -> list[Assignment]:
+    """Stage every layer's assignment without changing anything: ``stage(layer, params)``
+    checks that the layer can take ``params[name]`` and returns the assignment, or raises a
+    ValueError saying why not. A CheckpointError naming every layer that cannot (``source``
+    says what was being loaded); else the assignments, in ``layers``' order."""
+    assignments, problems = [], {}
     for name, layer in layers.items():
-        layer.set_params(prepared[name].params)
+        try:
+            assignments.append(stage(layer, params[name]))
+        except ValueError as error:
+            problems[name] = str(error)
+    _raise_layer_problems(source, problems)
+    return assignments
+
+
+def check_layers_assignable(layers: Mapping[str, Any], source: str,
+                            problem_of: Callable[[Any], Optional[str]]) -> None:
+    """CheckpointError naming every layer with its own reason, ``problem_of(layer)`` (None
+    where it can take values), before an import changes anything."""
+    _raise_layer_problems(source, {name: problem for name, problem in
+                                   ((name, problem_of(layer)) for name, layer in layers.items())
+                                   if problem})
+
+
+def _raise_layer_problems(source: str, problems: Mapping[str, str]) -> None:
+    """One CheckpointError; layers with the same problem are named together."""
+    if not problems:
+        return
+    named: dict[str, list[str]] = {}
+    for name, problem in problems.items():
+        named.setdefault(problem, []).append(name)
+    raise CheckpointError(f"cannot load {source}: " + "; ".join(
+        f"layer {names[0]!r}: {problem}" if len(names) == 1 else f"layers {names}: {problem}"
+        for problem, names in named.items()))
+
+
+def import_layers(path: Source, layers: Mapping[str, Any], *,
+                  stage: Optional[Callable[[Any, Any], Assignment]] = None) -> list[str]:
+    """Every adapter's ``import_params`` once its layers are ready: validate the whole file
+    against ``layers`` (file name -> layer with ``spec`` and ``set_params``), stage every
+    layer's assignment (``stage_assignments``; by default each runs ``layer.set_params``,
+    checked only when it runs), then assign. Returns the names loaded, sorted."""
+    prepared = prepare_import(path, {name: layer.spec for name, layer in layers.items()})
+    assignments = stage_assignments(repr(os.fspath(path)), layers,
+                                    {name: prepared[name].params for name in layers},
+                                    stage or _set_params_later)
+    for assign in assignments:
+        assign()
     return sorted(layers)

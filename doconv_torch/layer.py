@@ -15,7 +15,7 @@ from torch.nn import init
 import doconv_core
 from doconv_core import ConvSpec, DOConvParams
 
-from . import _ckernel, _ops
+from . import _assign, _ckernel, _ops
 
 __all__ = ["DOConv1d", "DOConv2d", "DOConv3d"]
 
@@ -243,7 +243,11 @@ class _DOConvNd(nn.Module):
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self._compose_eager()  # the graph must record the composition
         W, D = self.W, self.D
-        if torch.is_grad_enabled() and (W.requires_grad or (D is not None and D.requires_grad)):
+        if D is None:
+            # The kernel is a view of W: free to make, and a cached one would hold W's
+            # tensor (load_state_dict under swap_module_params_on_conversion refuses that).
+            return self._compose_eager()
+        if torch.is_grad_enabled() and (W.requires_grad or D.requires_grad):
             if self._cache is not None:
                 self._cache = None  # the kernel joins the autograd graph: compose afresh
             return self._compose_eager()
@@ -389,6 +393,8 @@ class _DOConvNd(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # Nothing may hold the parameters while they load (swap_tensors counts references).
+        self._cache = None
         # The extra state: checked against this layer where the checkpoint has it; one saved
         # before layers had it (or a native conv's) loads as before, strict included.
         extra_key = prefix + _EXTRA_STATE_KEY
@@ -447,8 +453,9 @@ class _DOConvNd(nn.Module):
 
     @torch.jit.unused
     def _on_meta(self) -> bool:
-        """Whether a parameter is on the meta device (values copied there are dropped)."""
-        return any(param.is_meta for param in self.parameters(recurse=False))
+        """Whether a parameter (or a parametrization's original) is on the meta device
+        (values copied there are dropped)."""
+        return any(param.is_meta for param in self.parameters())
 
     @classmethod
     def from_conv(cls, conv: nn.Module, *, D_mul: Optional[int] = None) -> "_DOConvNd":
@@ -522,18 +529,11 @@ class _DOConvNd(nn.Module):
 
         ``params.spec`` must describe this layer's function and the arrays must have its
         shapes and a floating-point dtype; everything is checked before any parameter
-        changes. The values are cast to the layer's dtype and device; requires_grad stays.
+        changes. The values are cast to the layer's dtype and device and copied in place
+        (requires_grad stays); a parametrized parameter takes them through its
+        parametrization's right_inverse (refused where it has none), as assigning it would.
         """
-        params = doconv_core.assignable_params(params, self._spec)
-        arrays = {"D": params.D, "W": params.W, "bias": params.bias}
-        if self._on_meta():
-            raise ValueError("set_params cannot fill a layer on the meta device; materialise "
-                             "it (layer.to_empty(device=...)) first")
-        with torch.no_grad():
-            for name, array in arrays.items():
-                param = getattr(self, name)
-                if param is not None:
-                    param.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+        _assign.staged(self, params, "set_params")()
 
 
 def _native_name(rank: int) -> str:

@@ -16,7 +16,9 @@ from torch import nn
 
 import doconv_core
 from doconv_core import ROOT_NAME, CheckpointError, Include, LegacyLoadReport, check_int
+from doconv_core.checkpoint import check_layers_assignable, stage_assignments
 
+from . import _assign
 from .layer import DOConv1d, DOConv2d, DOConv3d, _DOConvNd
 
 __all__ = ["convert", "fuse", "doconv_layers", "export_params", "import_params", "load_legacy",
@@ -49,7 +51,7 @@ def _replaced(model: nn.Module, pick: Callable[[str, nn.Module], bool],
     they are held); the given model is not changed, and all replacements are built before
     the copy changes."""
     if pick("", model):
-        return make("", model)
+        return _with_hooks(model, make("", model))
     picked = [(index, name) for index, (_, _, name, child) in enumerate(_walk(model))
               if pick(name, child)]
     if not picked:
@@ -64,11 +66,35 @@ def _replaced(model: nn.Module, pick: Callable[[str, nn.Module], bool],
             raise RuntimeError(f"copy.deepcopy changed {type(model).__name__}'s module "
                                f"structure ({picked_name!r} became {name!r})")
         if id(child) not in made:
-            made[id(child)] = make(name, child)
+            made[id(child)] = _with_hooks(child, make(name, child))
         swaps.append((parent, attribute, made[id(child)]))
     for parent, attribute, replacement in swaps:
         setattr(parent, attribute, replacement)
     return result
+
+
+# The hooks a module's call runs: a replacement runs them as the module did. (nn.Module has
+# no public API to read them; state-dict hooks name the old parameters and are not carried.)
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_backward_pre_hooks", "_backward_hooks")
+
+
+def _with_hooks(module: nn.Module, replacement: nn.Module) -> nn.Module:
+    """``replacement`` with ``module``'s forward and backward hooks added to its own."""
+    for hooks in _CALL_HOOKS:
+        getattr(replacement, hooks).update(getattr(module, hooks, {}))
+    if module._backward_hooks:
+        replacement._is_full_backward_hook = module._is_full_backward_hook
+    return replacement
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module a DistributedDataParallel wraps: a copy of the wrapper would keep a reducer
+    built for the old parameters (the new ones' gradients would never be synchronised)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
 
 
 # The native convs convert picks (exact types) and the DO-Conv class each becomes.
@@ -97,9 +123,13 @@ def convert(model: nn.Module, *, include: Include = None,
     "" for the model itself). A ValueError when nothing is picked. ``D_mul`` applies to
     kernels of more than one element (volume > 1); 1x1 (1, 1x1x1) convs have no D. Each layer
     keeps the conv's device, dtype,
-    training mode and requires_grad (the weight's goes to W and D, the bias keeps its own).
+    training mode and requires_grad (the weight's goes to W and D, the bias keeps its own)
+    and its forward and backward hooks. A DistributedDataParallel model gives its module's
+    copy, unwrapped (wrap it again: DDP must see the new parameters); a torch.compile'd one
+    a compiled copy.
     """
     _check_model(model)
+    model = _unwrapped(model)
     if D_mul is not None:
         D_mul = check_int("D_mul", D_mul)
     keep = doconv_core.layer_filter(include)
@@ -125,9 +155,12 @@ def fuse(model: nn.Module) -> nn.Module:
     layers gives a warning and an unchanged copy.
 
     The result's state_dict loads into the same architecture built with the native convs.
-    Each fused conv takes W's requires_grad for its weight and the bias' for its bias.
+    Each fused conv takes W's requires_grad for its weight and the bias' for its bias, and
+    the layer's forward and backward hooks. A DistributedDataParallel model gives its module's
+    copy, unwrapped; a torch.compile'd one a compiled copy.
     """
     _check_model(model)
+    model = _unwrapped(model)
     result = _replaced(model, lambda name, module: isinstance(module, _DOConvNd),
                        lambda name, layer: layer.fuse())
     if result is None:
@@ -161,15 +194,17 @@ def import_params(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
     """
     layers = {name or ROOT_NAME: layer for name, layer in doconv_layers(model).items()}
     _check_ready(layers, repr(os.fspath(path)))
-    return doconv_core.import_layers(path, layers)
+    return doconv_core.import_layers(path, layers, stage=_assign.staged)
 
 
 def _check_ready(layers: Mapping[str, _DOConvNd], source: str) -> None:
     """CheckpointError unless every layer can take values: a meta-device parameter would
-    silently ignore them."""
+    silently ignore them, an inference tensor or a parametrization without right_inverse
+    refuse them."""
     doconv_core.check_layers_ready(layers, source, lambda layer: not layer._on_meta(),
                                    "are on the meta device; materialise them "
                                    "(model.to_empty(device=...)) first")
+    check_layers_assignable(layers, source, _assign.assignment_problem)
 
 
 _SOURCE = "the legacy checkpoint"
@@ -200,7 +235,8 @@ def load_legacy(model: nn.Module, weights: Mapping[str, Any], *,
     extra_states = {f"{name}._extra_state" if name else "_extra_state" for name in layers}
     remaining = {key: value for key, value in remaining.items() if key not in extra_states}
     loaded = {name: layer for name, layer in layers.items() if (name or ROOT_NAME) in results}
-    _check_ready({name or ROOT_NAME: layer for name, layer in loaded.items()}, _SOURCE)
+    targets = {name or ROOT_NAME: layer for name, layer in loaded.items()}  # names as results'
+    _check_ready(targets, _SOURCE)
     # Checked in full before anything loads: load_state_dict copies what matches and only
     # then reports what does not.
     not_tensors = sorted(key for key, value in remaining.items()
@@ -214,9 +250,14 @@ def load_legacy(model: nn.Module, weights: Mapping[str, Any], *,
             array = getattr(params, part)
             if array is not None:
                 filled[f"{name}.{part}" if name else part] = array.shape
+    # The loaded layers' own keys (W, D, bias, or a parametrization's original) are filled
+    # through set_params: they are expected as the layers' specs give them.
+    own_keys = {f"{name}.{key}" if name else key for name, layer in loaded.items()
+                for key in layer.state_dict(keep_vars=True)}
     expected = {key: None if nn.parameter.is_lazy(value) else tuple(value.shape)
                 for key, value in model.state_dict(keep_vars=True).items()
-                if key not in extra_states}
+                if key not in extra_states and key not in own_keys}
+    expected.update(filled)
     doconv_core.check_state_keys(
         _SOURCE, expected, {**{key: tuple(value.shape) for key, value in remaining.items()},
                             **filled}, strict=strict)
@@ -224,12 +265,30 @@ def load_legacy(model: nn.Module, weights: Mapping[str, Any], *,
     # from load_state_dict, where a stray ``weight`` would be embedded over W and D.
     prefixes = tuple(f"{name}." if name else "" for name in loaded)
     native = {key: value for key, value in remaining.items() if not key.startswith(prefixes)}
+    _check_native_targets(model, native)
+    assignments = stage_assignments(_SOURCE, targets,
+                                    {name: results[name].params for name in targets},
+                                    _assign.staged)
     outcome = model.load_state_dict(native, strict=False)
-    for name, layer in loaded.items():
-        layer.set_params(results[name or ROOT_NAME].params)
-    missing = [key for key in outcome.missing_keys if key not in filled]
+    for assign in assignments:
+        assign()
+    missing = [key for key in outcome.missing_keys if key not in own_keys]
     unexpected = list(outcome.unexpected_keys) + sorted(set(remaining) - set(native))
     return LegacyLoadReport(results, missing, unexpected)
+
+
+def _check_native_targets(model: nn.Module, native: Mapping[str, Any]) -> None:
+    """load_state_dict stops at the first tensor that cannot take its value, after loading
+    the ones before it: refuse inference tensors (outside inference mode) up front."""
+    if torch.is_inference_mode_enabled():
+        return
+    held = sorted(key for key, value in model.state_dict(keep_vars=True).items()
+                  if key in native and isinstance(value, torch.Tensor) and value.is_inference())
+    if held:
+        raise CheckpointError(f"cannot load {_SOURCE}: {held} are inference tensors (built "
+                              "under torch.inference_mode()), which take values only inside "
+                              "inference mode; load inside `with torch.inference_mode():` or "
+                              "build the model outside it")
 
 
 def _legacy_array(value: Any) -> Any:
