@@ -38,6 +38,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import errno
 import importlib
 import json
 import math
@@ -45,20 +46,21 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 import zipfile
 from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 import numpy as np
 
-from .compose import compose_kernel
+from .compose import compose_kernel, layer_spec
 from .params import CheckpointError, load_params
+from .spec import read_extra_state
 from .tensorfile import is_safetensors, read_safetensors, read_safetensors_header, write_safetensors
 
 PROG = "doconv"
 FUSED_FORMAT = "doconv.fused"
 FUSED_VERSION = "1"
 EXTRA_STATE = "_extra_state"
-EXTRA_STATE_VERSION = 1
 _STATE_KEYS = ("model", "state_dict", "model_state_dict", "module", "net", "ema")
 _GLUON_MAGIC = (0x112).to_bytes(8, "little")  # mx.nd.save's list magic
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -225,15 +227,29 @@ def _regular_kernel(volume: int, rank: int) -> Optional[tuple[int, ...]]:
 
 def _extra_state_kernel(value: np.ndarray, name: str, where: str
                         ) -> tuple[tuple[int, ...], int]:
-    """(kernel_size, groups) from a DO-Conv layer's extra state."""
+    """(kernel_size, groups) from a DO-Conv layer's extra state (the core's record)."""
     values = np.asarray(value)
-    if values.dtype.kind not in "iu" or values.ndim != 1 or len(values) < 4 or \
-            int(values[0]) != EXTRA_STATE_VERSION or int(values[1]) not in (1, 2, 3) or \
-            len(values) != 3 + int(values[1]) or int(values.min()) < 1:
-        raise CheckpointError(f"{where}: {name!r} is not a DO-Conv extra state "
-                              f"[{EXTRA_STATE_VERSION}, rank, groups, *kernel_size]: "
-                              f"{values.dtype} {values.tolist()[:8]}")
-    return tuple(int(v) for v in values[3:]), int(values[2])
+    try:
+        if values.dtype.kind not in "iu" or values.ndim != 1:
+            raise ValueError(f"an extra-state record must be a 1-D integer tensor, got "
+                             f"{values.dtype} of shape {values.shape}")
+        _, groups, kernel_size = read_extra_state(values.tolist())
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {name!r} is not a DO-Conv extra state: {error}"
+                              ) from None
+    return kernel_size, groups
+
+
+def _part(to_numpy: Callable[[Any], np.ndarray], value: Any, key: str, where: str
+          ) -> np.ndarray:
+    """A file's tensor as NumPy, or a CheckpointError naming it (a sparse or meta tensor,
+    one that holds no data)."""
+    try:
+        return to_numpy(value)
+    except Exception as error:  # each framework raises its own types for such tensors
+        reason = str(error) if type(error) is ValueError else _first_line(error)
+        raise CheckpointError(f"{where}: {key!r} cannot be read as an array: {reason}"
+                              ) from None
 
 
 def find_layers(entries: "collections.OrderedDict[str, Any]", shape_of: Callable[[Any], tuple],
@@ -252,24 +268,30 @@ def find_layers(entries: "collections.OrderedDict[str, Any]", shape_of: Callable
             continue
         extra = entries.get(prefix + EXTRA_STATE)
         D = entries.get(prefix + "D")
-        is_doconv = D is not None or (extra is not None and shape_of(extra) is not None
-                                      and len(shape_of(extra)) == 1) or \
+        is_doconv = D is not None or extra is not None or \
             (shape[2] == 1 and prefix + "weight" not in entries)
         if not is_doconv:
             continue
         name = prefix[:-1] if prefix else ""
         label = name or "(the root module)"
-        layer = Layer(label, to_numpy(W), keys={"W": key})
+        for part, value in (("D", D), ("bias", entries.get(prefix + "bias")), ("extra", extra)):
+            if value is not None and shape_of(value) is None:
+                part_key = prefix + (EXTRA_STATE if part == "extra" else part)
+                raise CheckpointError(f"{where}: {part_key!r} is a {type(value).__name__}, "
+                                      f"not a tensor: layer {label!r} cannot be read (save the "
+                                      "state dict the layer's state_dict() returns)")
+        layer = Layer(label, _part(to_numpy, W, key, where), keys={"W": key})
         if D is not None:
-            layer.D = to_numpy(D)
+            layer.D = _part(to_numpy, D, prefix + "D", where)
             layer.keys["D"] = prefix + "D"
         bias = entries.get(prefix + "bias")
         if bias is not None:
-            layer.bias = to_numpy(bias)
+            layer.bias = _part(to_numpy, bias, prefix + "bias", where)
             layer.keys["bias"] = prefix + "bias"
         if extra is not None:
             layer.kernel_size, layer.groups = _extra_state_kernel(
-                to_numpy(extra), prefix + EXTRA_STATE, where)
+                _part(to_numpy, extra, prefix + EXTRA_STATE, where), prefix + EXTRA_STATE,
+                where)
             layer.keys["extra"] = prefix + EXTRA_STATE
         layer.keys["prefix"] = prefix
         _check_layer(layer, where)
@@ -277,48 +299,36 @@ def find_layers(entries: "collections.OrderedDict[str, Any]", shape_of: Callable
     return layers
 
 
-def _check_layer(layer: Layer, where: str) -> None:
-    """The parts' shapes agree with each other and with the recorded kernel and groups."""
-    def fail(problem: str) -> NoReturn:
-        raise CheckpointError(f"{where}: layer {layer.name!r}: {problem}")
+def _is_float(dtype: np.dtype) -> bool:
+    """float16/32/64, and bfloat16 (an ml_dtypes dtype NumPy itself lacks)."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
 
-    W = layer.W
+
+def _check_layer(layer: Layer, where: str) -> None:
+    """The layer is one the layers themselves accept (the core's ``layer_spec``: shapes,
+    D_mul, channels, groups, the recorded kernel), holding floating-point numbers."""
     for part in ("W", "D", "bias"):
         array = getattr(layer, part)
-        if array is not None and np.asarray(array).dtype.kind != "f":
-            fail(f"{part} must hold floating-point numbers, got dtype {array.dtype}")
-    if W.ndim != 3:
-        fail(f"W must be (C_out, C_in/groups, D_mul), got shape {tuple(W.shape)}")
-    C_out, I_g, D_mul = (int(n) for n in W.shape)
-    if layer.D is None:
-        if D_mul != 1:
-            fail(f"W has shape {tuple(W.shape)} (D_mul {D_mul}) but there is no D")
-        if layer.kernel_size is not None and math.prod(layer.kernel_size) != 1:
-            fail(f"its {_shape_text(layer.kernel_size)} kernel needs a D, which is missing")
-    else:
-        D = layer.D
-        if D.ndim != 3 or int(D.shape[2]) != D_mul or int(D.shape[0]) % I_g:
-            fail(f"D {tuple(D.shape)} does not fit W {tuple(W.shape)}: expected (C_in, kernel "
-                 f"volume, {D_mul}) with C_in a multiple of {I_g}")
-        groups = int(D.shape[0]) // I_g
-        if C_out % groups:
-            fail(f"C_out {C_out} is not divisible by its groups {groups} (C_in {D.shape[0]} / "
-                 f"W's {I_g})")
-        if layer.groups is not None and layer.groups != groups:
-            fail(f"its extra state says groups {layer.groups}, its D and W give {groups}")
-        if layer.kernel_size is not None and math.prod(layer.kernel_size) != int(D.shape[1]):
-            fail(f"its extra state says a {_shape_text(layer.kernel_size)} kernel, its D holds "
-                 f"kernels of {D.shape[1]} elements")
-    if layer.bias is not None and tuple(layer.bias.shape) != (C_out,):
-        fail(f"bias has shape {tuple(layer.bias.shape)}, expected ({C_out},)")
+        if array is not None and not _is_float(np.asarray(array).dtype):
+            raise CheckpointError(f"{where}: layer {layer.name!r}: {part} must hold "
+                                  "floating-point numbers (float16, bfloat16, float32, float64), "
+                                  f"got dtype {array.dtype}")
+    try:
+        layer_spec(layer.W.shape, None if layer.D is None else layer.D.shape,
+                   None if layer.bias is None else layer.bias.shape,
+                   kernel_size=layer.kernel_size, groups=layer.groups)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: layer {layer.name!r} is not a valid DO-Conv layer: "
+                              f"{error} (doconv's layers refuse it, so no doconv layer saved "
+                              "this file as it is)") from None
 
 
 def fused_kernel(layer: Layer) -> np.ndarray:
     """The layer's plain (C_out, C_in/groups, *kernel_size) kernel, in W's dtype (composed
-    in float64 for 16-bit floats)."""
+    in float32 for 16-bit floats, float16 and bfloat16 alike, whatever the file format)."""
     W = np.asarray(layer.W)
     dtype = W.dtype
-    work = np.float64 if dtype.itemsize < 4 else dtype
+    work = np.float32 if dtype.itemsize < 4 else dtype
     D = None if layer.D is None else np.asarray(layer.D, dtype=work)
     groups = layer.inferred_groups() or 1  # a kernel of one element: the weight is W itself
     kernel = compose_kernel(D, W.astype(work), groups=groups, kernel_size=layer.kernel_size)
@@ -405,8 +415,18 @@ class StateFile:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    """The error's type and its first line that says something: MXNet's messages start
+    with a traceback of its C++ frames ("Traceback (most recent call last):", indented
+    "File ..." lines) before the line that says what is wrong."""
+    name = type(error).__name__
+    for line in str(error).strip().splitlines():
+        text = line.strip()
+        if not text or line[:1].isspace() or text.startswith(("Traceback (most recent",
+                                                               "File \"", "[bt]",
+                                                               "Stack trace")):
+            continue
+        return text if text.startswith(name + ":") else f"{name}: {text}"
+    return name
 
 
 # The frameworks' sides of the command live in each adapter's private ``_fuse_files``,
@@ -440,12 +460,12 @@ def _keras_files(where: str) -> Any:
 def read_torch(path: str, key: Optional[str]) -> StateFile:
     where = repr(path)
     files = _torch_files(where)
-    try:
-        loaded = files.load(path)
-    except Exception as error:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{where} cannot be read by torch.load(weights_only=True) "
-                              f"(truncated, corrupt, or holding objects that are not tensors): "
-                              f"{_first_line(error)}") from None
+    with warnings.catch_warnings(record=True) as caught:  # never lines of their own
+        warnings.simplefilter("always")
+        try:
+            loaded = files.load(path)
+        except Exception as error:  # torch raises many types for truncated or foreign files
+            raise CheckpointError(_torch_load_problem(where, error, caught)) from None
     note = ""
     other: list[str] = []
     if key is not None:
@@ -478,9 +498,29 @@ def read_torch(path: str, key: Optional[str]) -> StateFile:
     entries = collections.OrderedDict(loaded)
     bad = [k for k in entries if not isinstance(k, str)]
     if bad:
-        raise CheckpointError(f"{where} has keys that are not strings: {bad[:3]}")
+        raise CheckpointError(f"{where}{' under ' + repr(key) if key is not None else ''} "
+                              f"is a state dict with keys that are not strings: "
+                              f"{[repr(k) for k in bad[:3]]}; a state dict maps parameter "
+                              "names (str) to tensors")
     layers = find_layers(entries, files.shape, files.to_numpy, where)
     return StateFile("torch", entries, layers, {}, note, other)
+
+
+def _torch_load_problem(where: str, error: Exception, caught: list) -> str:
+    """What to say when torch.load(weights_only=True) fails: torch's own detail where it
+    gives one (the pickle opcode its safe unpickler refuses), and the pickle protocol its
+    warning reports (a file saved with pickle_protocol > 2)."""
+    text = str(error)
+    detail = re.search(r"WeightsUnpickler error: \s*(.+?)\s*(\n\n|$)", text, re.S)
+    reason = " ".join(detail.group(1).split()) if detail else _first_line(error)
+    protocol = next((re.search(r"pickle protocol (\d+)", str(w.message)) for w in caught
+                     if re.search(r"pickle protocol (\d+)", str(w.message))), None)
+    if protocol is not None:
+        return (f"{where} cannot be read by torch.load(weights_only=True): it was saved with "
+                f"pickle protocol {protocol.group(1)}, which that loader does not fully read "
+                f"({reason}); save it again with torch.save's default protocol")
+    return (f"{where} cannot be read by torch.load(weights_only=True) (truncated, corrupt, "
+            f"or holding objects that are not tensors): {reason}")
 
 
 def read_safetensors_state(path: str) -> StateFile:
@@ -496,8 +536,9 @@ def read_gluon(path: str) -> StateFile:
     try:
         loaded = files.load(path)
     except Exception as error:  # MXNetError for truncated or corrupt files
-        raise CheckpointError(f"{where} cannot be read by mx.nd.load (truncated or corrupt): "
-                              f"{_first_line(error)}") from None
+        raise CheckpointError(f"{where} cannot be read by mx.nd.load (truncated or corrupt; "
+                              f"save it again with save_parameters): {_first_line(error)}"
+                              ) from None
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{where} holds a list of unnamed arrays, not a Gluon "
                               "parameter file (save_parameters)")
@@ -660,7 +701,7 @@ def write_atomic(out: str, write: Callable[[str], None]) -> None:
     try:
         temporary = _temporary(out)
     except OSError as error:
-        raise CheckpointError(f"cannot write {out!r}: {error.strerror or error}") from None
+        raise CheckpointError(_write_problem(out, error)) from None
     try:
         write(temporary)
         umask = os.umask(0)
@@ -672,9 +713,27 @@ def write_atomic(out: str, write: Callable[[str], None]) -> None:
             os.unlink(temporary)
         except OSError:
             pass
-        if isinstance(error, OSError):
-            raise CheckpointError(f"cannot write {out!r}: {error.strerror or error}") from None
-        raise
+        if isinstance(error, CheckpointError) or not isinstance(error, Exception):
+            raise
+        # The frameworks' writers report a full disk in their own types (torch's
+        # RuntimeError "file write failed", MXNetError, h5py's OSError).
+        raise CheckpointError(_write_problem(out, error)) from None
+
+
+def _write_problem(out: str, error: BaseException) -> str:
+    """What to say when writing ``out`` failed: the reason, never the temporary file's name,
+    and what to do."""
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    else:
+        reason = _first_line(error)
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        advice = "free some space or write OUT elsewhere"
+    elif isinstance(error, PermissionError):
+        advice = "write OUT where you may create files"
+    else:
+        advice = "check that its directory has space and can be written"
+    return f"cannot write {out!r}: {reason}; {advice} (nothing was written)"
 
 
 def _output_kind(out: str) -> str:
@@ -714,6 +773,9 @@ def _numpy_entries(entries: dict[str, Any], out: str) -> dict[str, np.ndarray]:
             except ImportError:
                 raise CheckpointError(f"{key!r} is bfloat16; writing it to {out!r} needs "
                                       "ml_dtypes (or write a .pt file)") from None
+            except ValueError as error:  # a sparse or meta tensor
+                raise CheckpointError(f"{key!r} cannot be written to {out!r}: {error}; "
+                                      "write a .pt file instead") from None
             if array is not None:
                 arrays[key] = array
                 continue
@@ -731,9 +793,16 @@ def write_state(out: str, kind: str, entries: dict[str, Any], metadata: dict[str
             write_safetensors(out, arrays, metadata or None)
         except ValueError as error:
             raise CheckpointError(f"cannot write {out!r}: {error}") from None
+        except OSError as error:  # it names its temporary file; say OUT
+            raise CheckpointError(_write_problem(out, error)) from None
         return
     files = _torch_files(repr(out))
-    write_atomic(out, lambda temporary: files.save(temporary, entries))
+    try:
+        tensors = files.to_tensors(entries)
+    except ValueError as error:
+        raise CheckpointError(f"cannot write {out!r}: {error}; write a .safetensors file "
+                              "instead") from None
+    write_atomic(out, lambda temporary: files.save(temporary, tensors))
 
 
 def _torch_like(kernel: np.ndarray, original: Any) -> Any:
@@ -898,7 +967,11 @@ def inspect_file(path: str, key: Optional[str], symbol: Optional[str] = None) ->
         lines += _summary(layers, sum(count for _, count in others),
                           [name for name, _ in others], "weights")
         return lines
-    state = read_gluon_exported(path, symbol)[0] if symbol else read_state(path, kind, key)
+    if symbol is not None:
+        state = read_gluon_exported(path, symbol)[0]
+    else:
+        state = read_state(path, kind, key)
+        _refuse_exported_without_symbol(path, state)
     layer_keys = {k for layer in state.layers for part, k in layer.keys.items()
                   if part != "prefix"}
     others = [k for k in state.entries if k not in layer_keys]
@@ -955,11 +1028,9 @@ def fuse_file(path: str, out: str, *, force: bool, key: Optional[str],
         state, graph = read_gluon_exported(path, symbol)
     else:
         state = read_state(path, kind, key)
+    if symbol is None:
+        _refuse_exported_without_symbol(path, state)
     if not state.layers:
-        if kind == "gluon" and any(str(k).startswith("arg:") for k in state.entries):
-            raise CheckpointError(f"{path!r} holds an exported Gluon model's parameters "
-                                  "(arg:/aux: names): pass its symbol with --symbol "
-                                  "PREFIX-symbol.json")
         raise CheckpointError(f"{path!r} holds no DO-Conv layers (no W/D keys): nothing to fuse")
     kernels.settle(state.layers, repr(path))
     if kind == "gluon":
@@ -989,6 +1060,16 @@ def fuse_file(path: str, out: str, *, force: bool, key: Optional[str],
     if symbol_out is not None:
         lines.append(f"wrote its symbol to {symbol_out}")
     return lines
+
+
+def _refuse_exported_without_symbol(path: str, state: StateFile) -> None:
+    """An exported Gluon model's parameters (``arg:``/``aux:`` names) say nothing about its
+    layers without the symbol: inspect and fuse both ask for it."""
+    if state.kind == "gluon" and any(str(k).startswith(("arg:", "aux:"))
+                                     for k in state.entries):
+        raise CheckpointError(f"{path!r} holds an exported Gluon model's parameters "
+                              "(arg:/aux: names), whose DO-Conv layers only its symbol "
+                              "describes: pass its symbol with --symbol PREFIX-symbol.json")
 
 
 def _write_text(path: str, text: str) -> None:
@@ -1058,6 +1139,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return USAGE_ERROR
     except (ValueError, OSError) as error:  # CheckpointError included: a file's problem
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return FILE_ERROR
+    except MemoryError:
+        print(f"{PROG}: error: out of memory reading or fusing the file; run it on a machine "
+              "with more memory", file=sys.stderr)
         return FILE_ERROR
     print("\n".join(lines))
     return 0

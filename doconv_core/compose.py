@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .spec import ConvSpec, check_int, check_tuple
+from .spec import ConvSpec, check_D_mul, check_int, check_tuple
 
 
 def identity_d(in_channels: int, mn: int, D_mul: int, dtype: np.dtype = np.float32) -> np.ndarray:
@@ -145,16 +145,68 @@ def fuse(D: np.ndarray | None, W: np.ndarray, bias: np.ndarray | None, spec: Con
 def check_params(spec: ConvSpec, D: np.ndarray | None, W: np.ndarray,
                  bias: np.ndarray | None) -> None:
     """Raise ValueError unless D, W and bias have the shapes ``spec`` gives them."""
+    _check_shapes(spec, {name: None if array is None else tuple(np.shape(array))
+                         for name, array in (("D", D), ("W", W), ("bias", bias))})
+
+
+def _check_shapes(spec: ConvSpec, shapes: dict[str, tuple[int, ...] | None]) -> None:
     expected = {"D": spec.D_shape, "W": spec.W_shape,
                 "bias": (spec.out_channels,) if spec.bias else None}
-    for name, array in (("D", D), ("W", W), ("bias", bias)):
-        want = expected[name]
-        got = None if array is None else tuple(np.shape(array))
+    for name in ("D", "W", "bias"):
+        want, got = expected[name], shapes[name]
         if want != got:
             raise ValueError(
                 f"{name} must have shape {want} for this layer, got "
                 f"{'no array' if got is None else got}"
             )
+
+
+def layer_spec(W_shape: Sequence[int], D_shape: Sequence[int] | None,
+               bias_shape: Sequence[int] | None, *, kernel_size: Sequence[int] | None = None,
+               groups: int | None = None) -> ConvSpec:
+    """The ConvSpec of the DO-Conv layer whose W, D and bias have these shapes, given what a
+    file records besides them (the kernel's shape and groups, e.g. doconv_torch's extra
+    state; None where it records nothing): the one decision whether stored arrays describe
+    a layer the layers themselves accept (D_mul >= the kernel volume, C_in and C_out >= 1,
+    groups dividing both, every shape consistent). A ValueError saying what is wrong.
+
+    Without ``kernel_size`` the kernel is checked by its volume (D's second axis) and the
+    returned spec holds it as a 1-D kernel of that volume; without ``groups``, groups is
+    C_in / (C_in/groups) from D's and W's channel axes (1 for a layer without D)."""
+    W_shape = tuple(int(n) for n in W_shape)
+    D_shape = None if D_shape is None else tuple(int(n) for n in D_shape)
+    if len(W_shape) != 3:
+        raise ValueError(f"W must have shape (C_out, C_in/groups, D_mul), got {W_shape}")
+    if D_shape is not None and len(D_shape) != 3:
+        raise ValueError(f"D must have shape (C_in, kernel volume, D_mul), got {D_shape}")
+    C_out, I_g, D_mul = W_shape
+    volume = 1 if D_shape is None else D_shape[1]
+    if kernel_size is None:
+        check_D_mul(D_mul, volume)
+        kernel = (volume,)
+    else:
+        kernel = _kernel_size(kernel_size)
+        if math.prod(kernel) != volume:
+            shape = "x".join(str(k) for k in kernel)
+            raise ValueError(f"a {shape} kernel has {math.prod(kernel)} element(s), but "
+                             + (f"D holds kernels of {volume}" if D_shape is not None
+                                else "there is no D (a kernel of one element)"))
+    if I_g < 1:
+        raise ValueError(f"W {W_shape} has no input channels (C_in/groups = {I_g}); a layer "
+                         "needs at least one")
+    if groups is None:
+        groups = 1
+        if D_shape is not None:
+            if D_shape[0] % I_g:
+                raise ValueError(f"D {D_shape} does not fit W {W_shape}: its C_in "
+                                 f"({D_shape[0]}) must be a multiple of W's C_in/groups "
+                                 f"({I_g})")
+            groups = max(D_shape[0] // I_g, 1)
+    spec = ConvSpec(I_g * check_int("groups", groups), C_out, kernel, groups=groups,
+                    D_mul=D_mul, bias=bias_shape is not None, rank=len(kernel))
+    _check_shapes(spec, {"D": D_shape, "W": W_shape,
+                         "bias": None if bias_shape is None else tuple(bias_shape)})
+    return spec
 
 
 # Layout helpers, for any number of spatial axes. PyTorch and Gluon kernels are OIHW (O, I,

@@ -122,8 +122,11 @@ def check_padding_mode(value: Any) -> str:
     return value
 
 
-def kernel_volume_words(kernel_size: Sequence[int]) -> str:
-    """How messages name the kernel's volume: 'kernel height*width = 9 for a 3x3 kernel'."""
+def kernel_volume_words(kernel_size: Sequence[int] | int) -> str:
+    """How messages name the kernel's volume: 'kernel height*width = 9 for a 3x3 kernel';
+    an int is a volume whose shape is not known ('kernel volume = 9')."""
+    if isinstance(kernel_size, int):
+        return f"kernel volume = {kernel_size}"
     volume = math.prod(kernel_size)
     if len(kernel_size) == 1:
         return f"kernel length = {volume}"
@@ -132,15 +135,19 @@ def kernel_volume_words(kernel_size: Sequence[int]) -> str:
     return f"{what} = {volume} for a {shape} kernel"
 
 
-def check_D_mul(value: Any, kernel_size: Sequence[int]) -> int:
+def check_D_mul(value: Any, kernel_size: Sequence[int] | int) -> int:
     """Resolve D_mul: default the kernel volume (M*N in 2-D); >= it when it is > 1; 1 for a
-    kernel of one element (no D)."""
-    mn = math.prod(kernel_size)
+    kernel of one element (no D). ``kernel_size`` may be a bare volume (a file that records
+    the kernel's volume but not its shape)."""
+    mn = kernel_size if isinstance(kernel_size, int) else math.prod(kernel_size)
     if value is None:
         return mn
     number = check_int("D_mul", value)
     if mn == 1 and number != 1:
-        one = "x".join("1" for _ in kernel_size) if len(kernel_size) > 1 else "length-1"
+        if isinstance(kernel_size, int):
+            one = "one-element"
+        else:
+            one = "x".join("1" for _ in kernel_size) if len(kernel_size) > 1 else "length-1"
         raise ValueError(
             f"D_mul must be 1 or None for a {one} kernel (it has no depthwise part), got {number}"
         )
@@ -149,6 +156,32 @@ def check_D_mul(value: Any, kernel_size: Sequence[int]) -> int:
         # starts dead.
         raise ValueError(f"D_mul must be >= {kernel_volume_words(kernel_size)}, got {number}")
     return number
+
+
+EXTRA_STATE_VERSION = 1
+
+
+def extra_state_record(rank: int, groups: int, kernel_size: Sequence[int]) -> list[int]:
+    """The record of what a layer's parameter shapes do not tell (written by doconv_torch as
+    a layer's ``_extra_state``, read by the ``doconv`` command):
+    ``[version, rank, groups, *kernel_size]``."""
+    return [EXTRA_STATE_VERSION, rank, groups, *kernel_size]
+
+
+def read_extra_state(values: Sequence[Any]) -> tuple[int, int, tuple[int, ...]]:
+    """(rank, groups, kernel_size) from an extra-state record; a ValueError saying what it
+    should be for anything else (another version, a rank outside 1-3, a length that does
+    not match the rank, values below 1, numbers that are not integers)."""
+    expected = f"[{EXTRA_STATE_VERSION}, rank, groups, *kernel_size] with rank 1, 2 or 3"
+    shown = list(values)[:8] if isinstance(values, Sequence) else values
+    try:
+        numbers = [None if isinstance(v, bool) else operator.index(v) for v in values]
+    except TypeError:
+        numbers = [None]
+    if None in numbers or len(numbers) < 4 or numbers[0] != EXTRA_STATE_VERSION or \
+            numbers[1] not in RANKS or len(numbers) != 3 + numbers[1] or min(numbers) < 1:
+        raise ValueError(f"an extra-state record must be {expected}, got {shown!r}")
+    return numbers[1], numbers[2], tuple(numbers[3:])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -322,3 +322,133 @@ def test_a_missing_framework_is_one_line(tmp_path, framework, suffix, pattern):
     out = tmp_path / f"out{suffix}"
     assert_one_line_error(run("fuse", path, out), 1, pattern)
     assert not out.exists()
+
+
+# -- issue 28: what the layers refuse, the command refuses; every failure one line ----------
+def layer_state(W_shape, D_shape, extra=None, bias=True) -> dict:
+    """A one-layer state dict ``conv.*`` with arrays of these shapes."""
+    rng = np.random.default_rng(5)
+    state = {"conv.W": rng.standard_normal(W_shape).astype(np.float32)}
+    if D_shape is not None:
+        state["conv.D"] = np.zeros(D_shape, np.float32)
+    if bias:
+        state["conv.bias"] = np.zeros(W_shape[0], np.float32)
+    if extra is not None:
+        state["conv._extra_state"] = np.array(extra, dtype=np.int64)
+    return state
+
+
+@pytest.mark.parametrize("W_shape, D_shape, extra, pattern", [
+    # D_mul 4 below the 3x3 kernel's 9: DOConv2d refuses it, the command wrote zeros.
+    ((3, 2, 4), (2, 9, 4), [1, 2, 1, 3, 3], r"D_mul must be >= kernel height\*width = 9"),
+    ((3, 2, 4), (2, 9, 4), None, r"D_mul must be >= kernel volume = 9"),
+    # C_in = 0: a ZeroDivisionError traceback before.
+    ((3, 0, 9), (0, 9, 9), [1, 2, 1, 3, 3], r"no input channels"),
+    ((3, 0, 9), (0, 9, 9), None, r"no input channels"),
+    ((0, 2, 9), (2, 9, 9), [1, 2, 1, 3, 3], r"out_channels must be an integer >= 1"),
+    ((3, 2, 9), (4, 9, 9), None, r"out_channels must be divisible by groups \(2\)"),
+    ((3, 2, 9), (2, 9, 9), [1, 2, 1, 3], r"extra-state record must be \[1, rank, groups"),
+    ((3, 2, 9), (2, 9, 9), [1, 2, 0, 3, 3], r"extra-state record must be"),
+    ((3, 2, 2), None, [1, 2, 1, 1, 1], r"D_mul must be 1 or None for a 1x1 kernel"),
+])
+def test_a_layer_the_layers_refuse_is_refused_by_the_command(tmp_path, W_shape, D_shape, extra,
+                                                             pattern):
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    path = tmp_path / "model.safetensors"
+    dc.write_safetensors(path, layer_state(W_shape, D_shape, extra))
+    out = tmp_path / "plain.safetensors"
+    assert_failed_cleanly(run_in_process("fuse", path, out, "--rank", "2"), tmp_path, [path],
+                          r"layer 'conv'.*" + pattern if "extra-state" not in pattern
+                          else pattern)
+    assert_failed_cleanly(run_in_process("inspect", path), tmp_path, [path], pattern)
+
+
+def test_the_command_and_the_layers_share_one_rule():
+    """layer_spec (the command's check) accepts exactly the shapes a ConvSpec gives."""
+    for kernel, D_mul, groups in (((3, 3), 9, 1), ((3, 3), 12, 2), ((1, 3), 3, 1), ((3,), 5, 1),
+                                  ((3, 1, 2), 6, 2), ((1, 1), 1, 2)):
+        spec = dc.ConvSpec(4, 6, kernel, groups=groups, D_mul=D_mul, rank=len(kernel))
+        found = dc.compose.layer_spec(spec.W_shape, spec.D_shape, (6,), kernel_size=kernel,
+                                      groups=groups)
+        assert found.same_function(spec) and found.D_mul == spec.D_mul
+    with pytest.raises(ValueError, match="D_mul must be >= kernel height"):
+        dc.ConvSpec(2, 3, 3, D_mul=4)
+    with pytest.raises(ValueError, match="D_mul must be >= kernel height"):
+        dc.compose.layer_spec((3, 2, 4), (2, 9, 4), None, kernel_size=(3, 3))
+
+
+def test_a_portable_npz_member_claiming_a_huge_array_is_one_line(tmp_path):
+    """A member whose .npy header claims 10^12 elements: a MemoryError traceback before."""
+    import io
+    import zipfile
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    spec = dc.ConvSpec(2, 3, 3)
+    dc.save_params(tmp_path / "good.npz", {"c": random_params(spec, np.random.default_rng(0))})
+    with zipfile.ZipFile(tmp_path / "good.npz") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (10 ** 6, 10 ** 6)})
+    members["c/W.npy"] = header.getvalue() + members["c/W.npy"][128:]
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    (tmp_path / "good.npz").unlink()
+    out = tmp_path / "plain.safetensors"
+    for args in (("inspect", path), ("fuse", path, out)):
+        assert_failed_cleanly(run_in_process(*args), tmp_path, [path], r"huge\.npz")
+
+
+def test_a_full_disk_is_one_line_naming_out_and_leaves_nothing(container, tmp_path):
+    """The write itself fails (RLIMIT_FSIZE: what a full disk does to write()); before, the
+    message was the OS's alone, naming no file or the temporary one."""
+    from tests.cli_checks import leftovers, run_doconv
+    path, _ = container
+    big = tmp_path / "big.safetensors"
+    dc.write_safetensors(big, layer_state((64, 32, 9), (32, 9, 9), [1, 2, 1, 3, 3]))
+    for source in (path, big):
+        out = tmp_path / "plain.safetensors"
+        result = run_doconv("fuse", source, out, file_size_limit=1024)
+        assert_one_line_error(result, 1, r"cannot write '.*plain\.safetensors': File too large;"
+                                         r" free some space")
+        assert ".tmp" not in result.stderr
+        assert leftovers(tmp_path, [path, big]) == []
+
+
+def test_a_failed_rename_names_out_not_the_temporary_file(container, tmp_path, monkeypatch):
+    import errno
+    import os
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    path, _ = container
+    real_replace = os.replace
+
+    def replace(source, target):
+        if str(source).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), source)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "plain.safetensors"
+    result = run_in_process("fuse", path, out)
+    assert_failed_cleanly(result, tmp_path, [path],
+                          r"cannot write '.*plain\.safetensors': No space left on device; free")
+    assert ".tmp" not in result[2]
+
+
+def test_a_float16_state_dict_fuses_composed_in_float32(tmp_path):
+    """16-bit floats compose in float32 and are stored in their dtype, in every format (the
+    PyTorch env checks .pt and bfloat16 give the same bits)."""
+    state = {key: value.astype(np.float16) if value.dtype == np.float32 else value
+             for key, value in torch_style_state(np.random.default_rng(6)).items()}
+    path = tmp_path / "half.safetensors"
+    dc.write_safetensors(path, state)
+    out = tmp_path / "plain.safetensors"
+    result = run("fuse", path, out)
+    assert result.returncode == 0, result.stderr
+    arrays, _ = dc.read_safetensors(out)
+    kernel = dc.compose_kernel(state["features.0.D"].astype(np.float32),
+                               state["features.0.W"].astype(np.float32), groups=2,
+                               kernel_size=(3, 3)).astype(np.float16)
+    assert arrays["features.0.weight"].dtype == np.float16
+    np.testing.assert_array_equal(arrays["features.0.weight"], kernel)

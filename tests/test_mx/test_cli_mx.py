@@ -135,3 +135,69 @@ def test_an_exported_model_fuses_with_its_symbol(tmp_path):
     np.testing.assert_allclose(plain(x).asnumpy(), expected, rtol=1e-5, atol=1e-6)
     graph = (tmp_path / "plain-symbol.json").read_text()
     assert "batch_dot" not in graph and '"Convolution"' in graph
+
+
+# -- issue 28 ---------------------------------------------------------------------------------
+def test_a_corrupt_parameter_file_is_one_line_saying_what_is_wrong(tmp_path):
+    """MXNet's message starts with "Traceback (most recent call last):", which was all the
+    one line said."""
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    good = tmp_path / "good.params"
+    mx.nd.save(str(good), {"0.W": mx.nd.ones((2, 2, 9)), "0.D": mx.nd.zeros((2, 9, 9))})
+    raw = good.read_bytes()
+    good.unlink()
+    for name, data in (("truncated", raw[:len(raw) // 2]),
+                       ("corrupt", raw[:16] + b"\xff" * 40 + raw[56:])):
+        path = tmp_path / f"{name}.params"
+        path.write_bytes(data)
+        for args in (("inspect", path), ("fuse", path, tmp_path / "out.params", "--rank", "2")):
+            result = run_in_process(*args)
+            assert_failed_cleanly(result, tmp_path, [path], r"cannot be read by mx\.nd\.load "
+                                  r"\(truncated or corrupt; save it again.*\): MXNetError: \S")
+            assert "Traceback" not in result[2] and "most recent call" not in result[2]
+        path.unlink()
+
+
+def test_inspect_of_an_exported_model_asks_for_its_symbol_as_fuse_does(tmp_path):
+    """It reported "0 DO-Conv layer(s)" and listed the *_W/*_D arrays as other entries."""
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    net = nn.HybridSequential()
+    with net.name_scope():
+        net.add(DOConv2D(4, 3, in_channels=2))
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.ones((1, 2, 5, 5)))
+    net.export(str(tmp_path / "net"))
+    keep = [tmp_path / "net-0000.params", tmp_path / "net-symbol.json"]
+    for args in (("inspect", keep[0]), ("fuse", keep[0], tmp_path / "plain-0000.params")):
+        assert_failed_cleanly(run_in_process(*args), tmp_path, keep,
+                              r"exported Gluon model's parameters .*pass its symbol with "
+                              r"--symbol PREFIX-symbol\.json")
+
+
+def test_a_full_disk_is_one_line_naming_out(tmp_path):
+    from tests.cli_checks import assert_one_line_error, leftovers
+    path = tmp_path / "model.params"
+    mx.nd.save(str(path), {"0.W": mx.nd.ones((64, 32, 9)), "0.D": mx.nd.zeros((32, 9, 9))})
+    out = tmp_path / "plain.params"
+    result = run("fuse", path, out, "--rank", "2", file_size_limit=4096)
+    assert_one_line_error(result.returncode, result.stdout, result.stderr,
+                          r"cannot write '.*plain\.params': .*(nothing was written)")
+    assert leftovers(tmp_path, [path]) == []
+
+
+def test_a_float16_parameter_file_fuses_composed_in_float32(tmp_path):
+    import doconv_core as dc
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((4, 2, 9)).astype(np.float16)
+    D = (0.1 * rng.standard_normal((2, 9, 9))).astype(np.float16)
+    path = tmp_path / "half.params"
+    mx.nd.save(str(path), {"0.W": mx.nd.array(W, dtype="float16"),
+                           "0.D": mx.nd.array(D, dtype="float16")})
+    result = run("fuse", path, tmp_path / "plain.params", "--rank", "2")
+    assert result.returncode == 0, result.stderr
+    weight = mx.nd.load(str(tmp_path / "plain.params"))["0.weight"].asnumpy()
+    expected = dc.compose_kernel(D.astype(np.float32), W.astype(np.float32), groups=1,
+                                 kernel_size=(3, 3)).astype(np.float16)
+    assert weight.dtype == np.float16
+    np.testing.assert_array_equal(weight, expected)

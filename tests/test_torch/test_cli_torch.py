@@ -263,3 +263,110 @@ def test_console_script_when_installed():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0 and result.stdout == run("--help").stdout
+
+
+# -- issue 28: every problem with a .pt file is one line, nothing written ---------------------
+def layer_entries(**changes) -> dict:
+    """One DOConv2d(2, 3, 3)'s state dict under ``conv.``, with ``changes`` applied (a value
+    None drops the key)."""
+    state = {f"conv.{k}": v for k, v in DOConv2d(2, 3, 3).state_dict().items()}
+    for key, value in changes.items():
+        if value is None:
+            state.pop(f"conv.{key}")
+        else:
+            state[f"conv.{key}"] = value
+    return state
+
+
+BAD_STATES = {
+    "D_mul below the kernel volume": (
+        layer_entries(W=torch.randn(3, 2, 4), D=torch.zeros(2, 9, 4)),
+        r"layer 'conv' is not a valid DO-Conv layer: D_mul must be >= kernel height\*width = 9"),
+    "no input channels": (layer_entries(W=torch.randn(3, 0, 9), D=torch.zeros(0, 9, 9)),
+                          r"no input channels"),
+    "extra state a list": (layer_entries(_extra_state=[1, 2, 1, 3, 3]),
+                           r"'conv\._extra_state' is a list, not a tensor"),
+    "extra state of floats": (layer_entries(_extra_state=torch.tensor([1., 2, 1, 3, 3])),
+                              r"not a DO-Conv extra state: .*1-D integer tensor"),
+    "sparse W": (layer_entries(W=torch.randn(3, 2, 9).to_sparse()),
+                 r"'conv\.W' cannot be read as an array: it is a torch\.sparse_coo tensor"),
+    "meta W": (layer_entries(W=torch.empty(3, 2, 9, device="meta")),
+               r"'conv\.W' cannot be read as an array: it is a meta tensor"),
+    "a key that is not a string": ({**layer_entries(), 0: torch.zeros(2)},
+                                   r"keys that are not strings: \['0'\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STATES))
+def test_bad_state_dicts_are_one_line_and_write_nothing(tmp_path, case):
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    state, pattern = BAD_STATES[case]
+    path = tmp_path / "model.pt"
+    torch.save(state, path)
+    for out in (tmp_path / "plain.pt", tmp_path / "plain.safetensors"):
+        assert_failed_cleanly(run_in_process("fuse", path, out), tmp_path, [path], pattern)
+    assert_failed_cleanly(run_in_process("inspect", path), tmp_path, [path], pattern)
+
+
+def test_a_pickle_protocol_4_file_is_one_line_without_the_warning(tmp_path):
+    """torch.load's warning about the protocol added two lines to the error before."""
+    from tests.cli_checks import assert_one_line_error
+    path = tmp_path / "p4.pt"
+    torch.save(layer_entries(), path, pickle_protocol=4)
+    for args in (("inspect", path), ("fuse", path, tmp_path / "plain.pt")):
+        result = run(*args)
+        assert_one_line_error(result.returncode, result.stdout, result.stderr,
+                              r"saved with pickle protocol 4, .*save it again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p4.pt"]
+
+
+def test_a_sparse_entry_beside_the_layers_cannot_go_to_safetensors(tmp_path):
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    path = tmp_path / "model.pt"
+    torch.save({**layer_entries(), "table": torch.eye(3).to_sparse()}, path)
+    assert_failed_cleanly(run_in_process("fuse", path, tmp_path / "plain.safetensors"),
+                          tmp_path, [path], r"'table' cannot be written.*sparse.*write a \.pt")
+    assert run_in_process("fuse", path, tmp_path / "plain.pt")[0] == 0  # a .pt holds it
+
+
+@pytest.mark.parametrize("target", [".pt", ".safetensors"])
+def test_a_full_disk_is_one_line_naming_out(trained, tmp_path, target):
+    """torch.save's failing write was a RuntimeError traceback (its temporary file named)."""
+    from tests.cli_checks import assert_one_line_error, leftovers
+    model, _ = trained
+    path = tmp_path / "model.pt"
+    torch.save({**model.state_dict(), "big": torch.zeros(4096)}, path)
+    out = tmp_path / f"plain{target}"
+    result = run("fuse", path, out, file_size_limit=4096)
+    assert_one_line_error(result.returncode, result.stdout, result.stderr,
+                          rf"cannot write '.*plain\{target}': .*(nothing was written)")
+    assert ".tmp" not in result.stderr
+    assert leftovers(tmp_path, [path]) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_state_dicts_fuse_the_same_in_every_format(trained, tmp_path, dtype):
+    """A bf16 safetensors state dict was refused while the same .pt fused: both compose in
+    float32 and store the input's dtype, bit for bit alike."""
+    model, _ = trained
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "model.pt")
+    save_file(state, tmp_path / "model.safetensors")
+    fused = {}
+    for source in ("model.pt", "model.safetensors"):
+        for target in ("plain.pt", "plain.safetensors"):
+            out = tmp_path / f"{source}-{target}"
+            result = run("fuse", tmp_path / source, out)
+            assert result.returncode == 0, result.stderr
+            fused[source, target] = (load_file(out) if target.endswith(".safetensors")
+                                     else torch.load(out, weights_only=True))
+    reference = fused["model.pt", "plain.pt"]
+    assert reference["features.0.weight"].dtype == dtype
+    for name, state in fused.items():
+        assert set(state) == set(reference), name
+        for key, value in reference.items():
+            assert state[key].dtype == value.dtype and torch.equal(state[key], value), (name, key)
+    expected = fuse(model).state_dict()["features.0.weight"]
+    torch.testing.assert_close(reference["features.0.weight"].float(), expected, rtol=2e-2,
+                               atol=2e-2)
