@@ -4,7 +4,8 @@
 A 3x3 stem of 16 channels, three stages of 3 basic blocks (16, 32, 64 channels), option-A
 shortcuts (stride-2 subsampling and zero-padded channels, no parameters), global average
 pooling and a linear classifier returning logits; He (fan_out) initialisation for convs,
-BatchNorm as PyTorch's (momentum 0.1 there is 0.9 here, eps 1e-5).
+BatchNorm as PyTorch's (momentum 0.1 there is 0.9 here, eps 1e-5). The initial weights are
+a function of the seed ``keras.utils.set_random_seed`` set before the model is built.
 
 Built from Keras' own layers only (the shortcut's subsampling is a 1x1 max-pool with stride
 2, its channel padding a ZeroPadding3D between two Reshapes; no Lambda, no custom class), so
@@ -20,8 +21,13 @@ from keras import layers
 
 __all__ = ["BUILTIN_MODELS", "resnet20"]
 
-_CONV_INIT = keras.initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
-_FC_INIT = keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal")
+
+def _he_normal(mode: str) -> keras.initializers.Initializer:
+    """A new initializer for each layer: one made without a seed takes its seed from
+    Python's ``random`` when it is made, so one made here, after
+    ``keras.utils.set_random_seed``, draws from that seed (one shared instance would give
+    every layer of a shape the same draw, fixed when this module was imported)."""
+    return keras.initializers.VarianceScaling(2.0, mode, "untruncated_normal")
 
 
 def _bn(name: str) -> layers.BatchNormalization:
@@ -30,7 +36,7 @@ def _bn(name: str) -> layers.BatchNormalization:
 
 def _conv(filters: int, stride: int, name: str) -> layers.Conv2D:
     return layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                         kernel_initializer=_CONV_INIT, name=name)
+                         kernel_initializer=_he_normal("fan_out"), name=name)
 
 
 def _pad_shortcut(x: keras.KerasTensor, stride: int, extra_channels: int, name: str
@@ -74,7 +80,7 @@ def cifar_resnet(depth: int, num_classes: int = 10,
                        f"layer{stage + 1}_{index}")
             c_in = c_out
     x = layers.GlobalAveragePooling2D(name="avgpool")(x)
-    outputs = layers.Dense(num_classes, kernel_initializer=_FC_INIT, name="fc")(x)
+    outputs = layers.Dense(num_classes, kernel_initializer=_he_normal("fan_in"), name="fc")(x)
     return keras.Model(inputs, outputs, name=f"resnet{depth}")
 
 

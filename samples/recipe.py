@@ -11,15 +11,17 @@ Welch's t-test (``welch_t_test``).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import importlib
 import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 from samples.common import _OneLineErrorParser, _positive
 from samples.datasets import DATASET_NAMES
@@ -29,6 +31,7 @@ CHECKPOINT = "checkpoint.pt"  # the framework's own container; the name is share
 METRICS = "metrics.json"
 METRICS_VERSION = 1
 LR_SCHEDULES = ("cosine", "step")
+T = TypeVar("T")
 
 # The flags a resumed run must share with the run that wrote the checkpoint: anything that
 # changes what an epoch computes. --epochs may grow; --workers, --output, --quiet and
@@ -36,6 +39,9 @@ LR_SCHEDULES = ("cosine", "step")
 RESUME_FLAGS = ("model", "doconv", "data", "batch_size", "lr", "momentum", "wd", "lr_schedule",
                 "lr_step_size", "lr_gamma", "warmup_epochs", "label_smoothing", "seed", "amp",
                 "sync_bn", "train_crop_size", "val_resize_size", "val_crop_size", "limit")
+# The flags whose meaning is each recipe's own: recipe_parser takes their help from it.
+RECIPE_HELP_FLAGS = ("model", "batch_size", "workers", "amp", "sync_bn", "output", "resume",
+                     "onnx")
 
 
 class RecipeError(ValueError):
@@ -72,13 +78,18 @@ def _fraction(text: str) -> float:
     return value
 
 
-def recipe_parser(prog: str, description: str, models: Sequence[str]) -> argparse.ArgumentParser:
-    """The command line every framework's recipe shares; ``models`` are its built-in names."""
+def recipe_parser(prog: str, description: str, recipe_help: Mapping[str, str]
+                  ) -> argparse.ArgumentParser:
+    """The command line every framework's recipe shares. ``recipe_help``: the recipe's own
+    help for each of RECIPE_HELP_FLAGS (by dest; ``%(default)s`` as in argparse), so that
+    each recipe's --help says what that recipe does."""
+    missing = [name for name in RECIPE_HELP_FLAGS if name not in recipe_help]
+    if missing or set(recipe_help) - set(RECIPE_HELP_FLAGS):
+        raise ValueError(f"recipe_help: expected help for exactly {RECIPE_HELP_FLAGS}, got "
+                         f"{tuple(recipe_help)}")
     parser = _OneLineErrorParser(prog=prog, description=description)
     add = parser.add_argument
-    add("--model", required=True, metavar="NAME",
-        help=f"a built-in ({', '.join(models)}) or package.module:callable, called with "
-             "num_classes= and returning a model with the framework's native convs")
+    add("--model", required=True, metavar="NAME", help=recipe_help["model"])
     add("--data", required=True, metavar="DIR|NAME",
         help=f"an ImageNet-layout folder (DIR/train/<class>/*.jpg|png, DIR/val/<class>/*) or "
              f"{' / '.join(DATASET_NAMES)} (the IDX sets of samples/datasets.py; offline, "
@@ -86,8 +97,7 @@ def recipe_parser(prog: str, description: str, models: Sequence[str]) -> argpars
     add("--doconv", action="store_true",
         help="convert the model's convs to DO-Conv before training (fused for deployment)")
     add("--epochs", type=_positive, default=90, metavar="N", help="(default: %(default)s)")
-    add("--batch-size", type=_positive, default=32, metavar="N",
-        help="per process (default: %(default)s)")
+    add("--batch-size", type=_positive, default=32, metavar="N", help=recipe_help["batch_size"])
     add("--lr", type=_non_negative_float, default=0.1, help="(default: %(default)s)")
     add("--momentum", type=_non_negative_float, default=0.9, help="(default: %(default)s)")
     add("--wd", type=_non_negative_float, default=1e-4, help="weight decay (default: %(default)s)")
@@ -100,11 +110,9 @@ def recipe_parser(prog: str, description: str, models: Sequence[str]) -> argpars
         help="linear warm-up from lr/steps (default: %(default)s)")
     add("--label-smoothing", type=_fraction, default=0.0, help="(default: %(default)s)")
     add("--seed", type=int, default=0, help="(default: %(default)s)")
-    add("--workers", type=_non_negative_int, default=2, metavar="N",
-        help="data-loading processes per training process (default: %(default)s)")
-    add("--amp", action="store_true",
-        help="mixed precision (PyTorch: bf16 autocast on CPU, fp16 with loss scaling on CUDA)")
-    add("--sync-bn", action="store_true", help="synchronise BatchNorm statistics (CUDA)")
+    add("--workers", type=_non_negative_int, default=2, metavar="N", help=recipe_help["workers"])
+    add("--amp", action="store_true", help=recipe_help["amp"])
+    add("--sync-bn", action="store_true", help=recipe_help["sync_bn"])
     add("--train-crop-size", type=_positive, default=224, metavar="PX",
         help="image folders: random-resized crop (default: %(default)s)")
     add("--val-resize-size", type=_positive, default=256, metavar="PX",
@@ -113,10 +121,9 @@ def recipe_parser(prog: str, description: str, models: Sequence[str]) -> argpars
         help="image folders: center crop (default: %(default)s)")
     add("--limit", type=_positive, default=None, metavar="N",
         help="only the first N training and validation images (smoke runs, timing)")
-    add("--output", type=Path, required=True, metavar="DIR",
-        help=f"{CHECKPOINT} (every epoch), {METRICS}, fused weights")
-    add("--resume", action="store_true", help=f"continue from DIR/{CHECKPOINT} up to --epochs")
-    add("--onnx", action="store_true", help="also export the fused model to DIR/fused.onnx")
+    add("--output", type=Path, required=True, metavar="DIR", help=recipe_help["output"])
+    add("--resume", action="store_true", help=recipe_help["resume"])
+    add("--onnx", action="store_true", help=recipe_help["onnx"])
     add("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -303,6 +310,41 @@ def epoch_order(count: int, global_batch: int, seed: int, epoch: int) -> list[in
     while len(order) < padded:
         order += order[:padded - len(order)]
     return order
+
+
+class Lookahead(Generic[T]):
+    """``compute(index)`` for each index asked for, with the ``depth`` indices after it
+    (below ``limit``) computed ahead by ``workers`` threads; with no workers, computed
+    when asked for. ``compute`` must be a pure function of the index (a batch's content
+    never depends on when it is read), so a value computed ahead is the one asked for
+    whenever that is, and no order of requests (a framework restarting its iterator,
+    prefetching across an epoch's end) changes what a request returns. An error in
+    ``compute`` is raised when its index is asked for."""
+
+    def __init__(self, compute: Callable[[int], T], workers: int, *,
+                 depth: int | None = None, limit: int | None = None) -> None:
+        self._compute, self._limit = compute, limit
+        self._depth = 2 * workers if depth is None else depth
+        self._pool = (concurrent.futures.ThreadPoolExecutor(workers,
+                                                             thread_name_prefix="recipe-data")
+                      if workers else None)
+        self._pending: dict[int, concurrent.futures.Future[T]] = {}
+        self._lock = threading.Lock()
+
+    def __getitem__(self, index: int) -> T:
+        if self._pool is None:
+            return self._compute(index)
+        with self._lock:
+            wanted = range(index, index + 1 + self._depth)
+            if self._limit is not None:
+                wanted = range(index, max(index + 1, min(wanted.stop, self._limit)))
+            for stale in [key for key in self._pending if key not in wanted]:
+                self._pending.pop(stale).cancel()
+            for key in wanted:
+                if key not in self._pending:
+                    self._pending[key] = self._pool.submit(self._compute, key)
+            future = self._pending.pop(index)
+        return future.result()
 
 
 def brief_error(error: BaseException) -> str:

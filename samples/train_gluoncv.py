@@ -86,31 +86,28 @@ def _note_signal(signum: int, frame: Any) -> None:
 # ----------------------------------------------------------------------- command line
 
 
+HELP = {
+    "model": f"a gluoncv.model_zoo name (e.g. {', '.join(EXAMPLE_MODELS)}; "
+             "pretrained=False) or package.module:callable, called with num_classes= and "
+             "returning a HybridBlock with Gluon's native convs",
+    "batch_size": "per device (default: %(default)s)",
+    "workers": "data-loading threads; 0: load in the training loop (default: %(default)s)",
+    "amp": "not available (an error): the Gluon recipe trains in float32",
+    "sync_bn": "not available (an error): BatchNorm statistics are per device, device 0's "
+               "copied to the others every epoch",
+    "output": f"{CHECKPOINT} + .params + .states (every epoch), {recipe.METRICS}, "
+              f"{FUSED_PREFIX}-symbol.json + {FUSED_PREFIX}-0000.params",
+    "resume": f"continue from DIR/{CHECKPOINT} up to --epochs (same flags and --devices)",
+    "onnx": "not available (an error): mx.onnx.export_model converts the exported fused "
+            "model",
+}
+
+
 def parser() -> argparse.ArgumentParser:
-    result = recipe.recipe_parser(PROG, __doc__.split("\n\n")[0], list(EXAMPLE_MODELS))
-    try:
-        result.add_argument(
-            "--devices", type=_positive, default=1, metavar="N",
-            help="train data-parallel on N devices: GPUs where present, else N CPU contexts; "
-                 "--batch-size is per device (default: %(default)s)")
-    except argparse.ArgumentError:
-        pass  # the shared parser has it
-    for action in result._actions:  # where the shared help describes PyTorch's recipe
-        if action.dest == "resume":
-            action.help = f"continue from DIR/{CHECKPOINT} up to --epochs"
-        elif action.dest == "output":
-            action.help = (f"{CHECKPOINT} + .params + .states (every epoch), {recipe.METRICS}, "
-                           f"{FUSED_PREFIX}-symbol.json + {FUSED_PREFIX}-0000.params")
-        elif action.dest == "model":
-            action.help = (f"a gluoncv.model_zoo name (e.g. {', '.join(EXAMPLE_MODELS)}) or "
-                           "package.module:callable, called with num_classes= and returning "
-                           "a HybridBlock with Gluon's native convs")
-        elif action.dest == "workers":
-            action.help = "data-loading threads (default: %(default)s)"
-        elif action.dest == "batch_size":
-            action.help = "per device (default: %(default)s)"
-        elif action.dest in ("amp", "sync_bn", "onnx"):
-            action.help = "not available in the Gluon recipe (an error)"
+    result = recipe.recipe_parser(PROG, __doc__.split("\n\n")[0], HELP)
+    result.add_argument("--devices", type=_positive, default=1, metavar="N",
+                        help="data-parallel on N devices: GPUs where present, else N CPU "
+                             "contexts (default: %(default)s)")
     return result
 
 

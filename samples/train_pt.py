@@ -666,8 +666,25 @@ def _last_line(error: BaseException) -> str:
     return line.split(marker, 1)[1] if marker in line else line
 
 
+HELP = {
+    "model": f"a built-in ({', '.join(BUILTIN_MODELS)}: samples/models_pt.py) or "
+             "package.module:callable, called with num_classes= and returning an nn.Module "
+             "with PyTorch's native convs",
+    "batch_size": "per process (default: %(default)s)",
+    "workers": "DataLoader worker processes per training process; 0: load in the training "
+               "process (default: %(default)s)",
+    "amp": "mixed precision: bf16 autocast on CPU, fp16 with loss scaling on CUDA",
+    "sync_bn": "SyncBatchNorm across the processes (CUDA only: an error on CPU)",
+    "output": f"{recipe.CHECKPOINT} (every epoch), {recipe.METRICS}, fused.pt (and "
+              "fused.onnx with --onnx)",
+    "resume": f"continue from DIR/{recipe.CHECKPOINT} up to --epochs (same flags and number "
+              "of processes)",
+    "onnx": "also export the fused model to DIR/fused.onnx",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = recipe.recipe_parser(PROG, __doc__.split("\n\n")[0], list(BUILTIN_MODELS))
+    parser = recipe.recipe_parser(PROG, __doc__.split("\n\n")[0], HELP)
     args = parser.parse_args(argv)
     # Subnormal floats (from BatchNorm statistics early in training) made CPU convolutions
     # 3x slower; flushed to zero (deterministically). Set before any torch op starts the

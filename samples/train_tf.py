@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import io
@@ -94,11 +95,31 @@ def _brief(error: BaseException) -> str:
 # ----------------------------------------------------------------------- command line
 
 
+HELP = {
+    "model": f"a built-in ({', '.join(BUILTIN_NAMES)}: samples/models_tf.py), a "
+             "keras.applications name (ResNet50, MobileNetV2, ...: weights=None, a linear "
+             "classifier) or package.module:callable, called with num_classes= and "
+             "input_shape= and returning a Functional or Sequential model whose output is "
+             "logits",
+    "batch_size": "per device (default: %(default)s)",
+    "workers": "loader threads reading and augmenting the next batches ahead; 0: read in "
+               "the training loop (default: %(default)s)",
+    "amp": "mixed precision: Keras' mixed_bfloat16 policy on CPUs, mixed_float16 on GPUs",
+    "sync_bn": "jax only, where BatchNormalization always sees the whole global batch (an "
+               "error on tensorflow and torch)",
+    "output": f"{BACKUP}/ (Keras' BackupAndRestore state and {STATE}, every epoch), "
+              f"{recipe.METRICS}, fused.keras",
+    "resume": f"continue from DIR/{BACKUP}/ up to --epochs (same flags, backend and "
+              "--devices)",
+    "onnx": "not available (an error): deploy fused.keras",
+}
+
+
 def parser() -> argparse.ArgumentParser:
-    result = recipe.recipe_parser(PROG, __doc__.split("\n\n")[0], BUILTIN_NAMES)
+    result = recipe.recipe_parser(PROG, __doc__.split("\n\n")[0], HELP)
     result.add_argument("--devices", type=_positive, default=1, metavar="N",
                         help="data-parallel on N devices: GPUs where present, else N CPU "
-                             "devices (TensorFlow, JAX; default: %(default)s)")
+                             "devices (tensorflow, jax; torch: 1) (default: %(default)s)")
     return result
 
 
@@ -353,47 +374,55 @@ def load_data(args: argparse.Namespace, backend: str) -> Data:
                 f"{folder.root} ({len(folder.classes)} classes)")
 
 
-def make_batches(data: Data, args: argparse.Namespace, devices: Devices) -> tuple[Any, Any]:
-    """Keras PyDatasets: the training batches (set_epoch(e) before each epoch) and the
-    validation images; each batch a whole global batch (--batch-size per device), so
-    every device gets an equal shard. On TensorFlow, Keras feeds them through tf.data
-    with prefetching; on JAX and torch through its own loader."""
+def make_batches(data: Data, args: argparse.Namespace, devices: Devices, first_epoch: int
+                 ) -> tuple[Any, Any]:
+    """Keras PyDatasets: the training stream and the validation images, each batch a whole
+    global batch (--batch-size per device), so every device gets an equal shard.
+
+    The training stream is one endless sequence of batches: batch i is step
+    i % steps_per_epoch of epoch first_epoch + i // steps_per_epoch, in that epoch's
+    recipe.epoch_order. What a batch holds is a function of its index alone, never of when
+    it is read: Keras reads ahead of the epoch it trains (its symbolic build, tf.data's
+    and tf.distribute's prefetching, iterators made at the end of the previous epoch), and
+    state set by a callback would be read too late. ``--workers`` threads read and augment
+    the next batches ahead (recipe.Lookahead); Keras' own workers are not used (its
+    enqueuer restarts an epoch's indices while keeping batches it had read ahead)."""
     global_batch = args.batch_size * devices.count
-    workers = {"workers": args.workers, "use_multiprocessing": False} if args.workers else {}
+    steps_per_epoch = -(-len(data.train) // global_batch)
+    labels = np.eye(data.num_classes, dtype=np.float32)
 
-    class TrainBatches(keras.utils.PyDataset):
-        def __init__(self) -> None:
-            super().__init__(**workers)
-            self.epoch, self.order = 0, recipe.epoch_order(len(data.train), global_batch,
-                                                           args.seed, 0)
+    @functools.lru_cache(maxsize=2)
+    def order(epoch: int) -> tuple[int, ...]:
+        return tuple(recipe.epoch_order(len(data.train), global_batch, args.seed, epoch))
 
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-            self.order = recipe.epoch_order(len(data.train), global_batch, args.seed, epoch)
+    def train_batch(index: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, step = divmod(index, steps_per_epoch)
+        epoch += first_epoch
+        picked = order(epoch)[step * global_batch:(step + 1) * global_batch]
+        return (np.stack([data.train.item(i, epoch) for i in picked]),
+                labels[data.train_labels[list(picked)]])
 
-        def __len__(self) -> int:
-            return len(self.order) // global_batch
+    def val_batch(index: int) -> tuple[np.ndarray]:
+        # The last batch padded with its last image: its predictions are dropped.
+        picked = [min(i, len(data.val) - 1)
+                  for i in range(index * global_batch, (index + 1) * global_batch)]
+        return (np.stack([data.val.item(i, None) for i in picked]),)
 
-        def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-            picked = self.order[index * global_batch:(index + 1) * global_batch]
-            x = np.stack([data.train.item(i, self.epoch) for i in picked])
-            y = np.eye(data.num_classes, dtype=np.float32)[data.train_labels[picked]]
-            return x, y
+    class Batches(keras.utils.PyDataset):
+        def __init__(self, compute: Callable[[int], Any], count: int | None) -> None:
+            super().__init__()  # one worker: Keras reads each batch when it needs it
+            self.count, self.lookahead = count, recipe.Lookahead(compute, args.workers,
+                                                                 limit=count)
 
-    class ValBatches(keras.utils.PyDataset):
-        def __init__(self) -> None:
-            super().__init__(**workers)
+        @property
+        def num_batches(self) -> int | None:  # None: endless, fit() takes steps_per_epoch
+            return self.count
 
-        def __len__(self) -> int:
-            return -(-len(data.val) // global_batch)
+        def __getitem__(self, index: int) -> Any:
+            return self.lookahead[index]
 
-        def __getitem__(self, index: int) -> tuple[np.ndarray]:
-            # The last batch padded with its last image: its predictions are dropped.
-            picked = [min(i, len(data.val) - 1)
-                      for i in range(index * global_batch, (index + 1) * global_batch)]
-            return (np.stack([data.val.item(i, None) for i in picked]),)
-
-    return TrainBatches(), ValBatches()
+    return (Batches(train_batch, None),
+            Batches(val_batch, -(-len(data.val) // global_batch)))
 
 
 # ------------------------------------------------------------------------------ model
@@ -592,7 +621,6 @@ def make_callback(run: Run, epochs_done: list[dict[str, Any]], last: dict[str, A
 
         def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
             self.started = time.perf_counter()
-            run.train_batches.set_epoch(epoch)
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             if _received_signal is not None:  # fit stops after this step
@@ -666,7 +694,6 @@ def train(run: Run, state: dict[str, Any] | None) -> int:
     args, output = run.args, run.args.output
     epochs_done: list[dict[str, Any]] = list(state["metrics_epochs"]) if state else []
     first = state["epoch"] if state else 0
-    run.train_batches.set_epoch(first)
     print(f"{PROG}: {args.model}{' with DO-Conv' if args.doconv else ''}, Keras "
           f"{keras.__version__} on {run.devices.backend}, {run.devices.count} "
           f"{run.devices.kind} device(s); {run.data.description}: {len(run.data.train)} "
@@ -676,7 +703,8 @@ def train(run: Run, state: dict[str, Any] | None) -> int:
     callback = make_callback(run, epochs_done, last)
     try:
         run.model.fit(run.train_batches, epochs=args.epochs, callbacks=[callback],
-                      verbose=0 if args.quiet else 1, shuffle=False)
+                      steps_per_epoch=run.steps_per_epoch, verbose=0 if args.quiet else 1,
+                      shuffle=False)
     except ImageReadError as error:
         fail(str(error), EXIT_FAILED)
     except RecipeError:
@@ -756,7 +784,8 @@ def prepare(args: argparse.Namespace) -> tuple[Run, dict[str, Any] | None]:
                                          weight_decay=args.wd or None)
         model.compile(optimizer=optimizer, loss=keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=args.label_smoothing))
-    train_batches, val_batches = make_batches(data, args, devices)
+    train_batches, val_batches = make_batches(data, args, devices,
+                                              state["epoch"] if state else 0)
     return Run(args, devices, data, kind, builder, model, train_batches, val_batches,
                steps_per_epoch), state
 

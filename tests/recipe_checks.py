@@ -218,3 +218,109 @@ def terminate_after(command: Sequence[str], marker: Path, env: Mapping[str, str]
             except ProcessLookupError:
                 pass
     return process.returncode, stderr
+
+
+# ------------------------------------------------------------- --help vs the README
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+RECIPE_COLUMNS = ("train_pt.py", "train_tf.py", "train_gluoncv.py")  # the per-recipe table's
+NO_SUCH_FLAG = "no such flag"
+HELP_ENV = {"COLUMNS": "1000"}  # argparse wraps at the terminal's width; unwrapped to compare
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.replace("`", "").replace("\\|", "|").split())
+
+
+def _cells(line: str) -> list[str]:
+    import re
+    return [_plain(cell) for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def readme_flag_tables(readme: Path = README) -> tuple[list[list[str]], list[list[str]]]:
+    """The rows of the README's two recipe flag tables under "### Shared flags": the shared
+    one (flags, default, text) and the per-recipe one (flag, default, one cell per recipe
+    of RECIPE_COLUMNS)."""
+    text = readme.read_text().split("### Shared flags\n", 1)[1]
+    tables: list[list[list[str]]] = []
+    rows: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            rows.append(_cells(line))
+        elif rows:
+            tables.append(rows[2:])  # without the header and its rule
+            rows = []
+            if len(tables) == 2:
+                break
+        elif line.startswith("#"):
+            break
+    assert len(tables) == 2, "README: the shared and the per-recipe flag tables"
+    assert all(len(row) == 2 + len(RECIPE_COLUMNS) for row in tables[1]), tables[1]
+    return tables[0], tables[1]
+
+
+def help_entries(help_text: str) -> dict[str, tuple[str, str | None]]:
+    """--help (printed with HELP_ENV) as {long flag: (its help without the default, the
+    default or None)}."""
+    import re
+    entries: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in help_text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            invocation, _, rest = line.strip().partition("  ")
+            current = [rest]
+            for flag in re.findall(r"--[\w-]+", invocation):
+                entries[flag] = current
+        elif line.startswith("    ") and current is not None:
+            current.append(line)
+    result = {}
+    for flag, parts in entries.items():
+        text = _plain(" ".join(parts))
+        found = re.search(r"\s*\(default: ([^()]*)\)$", text)
+        result[flag] = ((text[:found.start()] if found else text),
+                        found.group(1) if found else None)
+    return result
+
+
+def _same_default(readme: str, shown: str) -> bool:
+    try:
+        return float(readme) == float(shown)
+    except ValueError:
+        return readme == shown
+
+
+def assert_help_matches_readme(prog: str, help_text: str, readme: Path = README) -> None:
+    """``prog``'s --help lists exactly the README's flags for it, with the README's defaults,
+    and for each flag of the per-recipe table the README's words for ``prog``."""
+    import re
+    shared, own = readme_flag_tables(readme)
+    entries = help_entries(help_text)
+    column = 2 + RECIPE_COLUMNS.index(prog)
+    expected: set[str] = {"--help"}
+    for flags_cell, defaults_cell, _ in shared:
+        flags = re.findall(r"--[\w-]+", flags_cell)
+        defaults = defaults_cell.split(", ")
+        expected.update(flags)
+        for flag, default in zip(flags, defaults if len(defaults) == len(flags) else []):
+            assert flag in entries, (prog, flag)
+            if entries[flag][1] is not None:
+                assert _same_default(default, entries[flag][1]), (prog, flag, default, entries[flag])
+    for row in own:
+        (flag,), default, text = re.findall(r"--[\w-]+", row[0]), row[1], row[column]
+        if text.startswith(NO_SUCH_FLAG):
+            assert flag not in entries, (prog, flag)
+            continue
+        expected.add(flag)
+        assert entries.get(flag, (None,))[0] == text, (prog, flag, entries.get(flag), text)
+        if entries[flag][1] is not None:
+            assert _same_default(default, entries[flag][1]), (prog, flag, default, entries[flag])
+    assert set(entries) == expected, (prog, sorted(set(entries) ^ expected))
+
+
+def recipe_help(script: str, env: Mapping[str, str], cwd: Path) -> str:
+    """``script --help``, printed unwrapped (exit 0, nothing on stderr)."""
+    result = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                            env={**env, **HELP_ENV}, cwd=cwd, timeout=120)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr[-3000:]
+    return result.stdout
+

@@ -17,6 +17,8 @@ import pytest
 from samples import recipe, recipe_table
 from samples.recipe import RecipeError
 
+HELP = {name: f"{name} as this recipe does it" for name in recipe.RECIPE_HELP_FLAGS}
+
 
 # --------------------------------------------------------------------- t distribution
 
@@ -174,7 +176,7 @@ def test_seeds_depend_only_on_their_inputs():
 
 
 def parse(*argv):
-    return recipe.recipe_parser("train_x.py", "test", ["resnet20"]).parse_args(
+    return recipe.recipe_parser("train_x.py", "test", HELP).parse_args(
         ["--model", "resnet20", "--data", "mnist", "--output", "out", *argv])
 
 
@@ -353,7 +355,7 @@ def test_driver_trains_each_seed_and_variant_once_and_resumes_stopped_runs(tmp_p
 
 
 def test_check_args_refuses_the_frameworks_own_checkpoint_name(tmp_path):
-    parser = recipe.recipe_parser("t", "t", ["m"])
+    parser = recipe.recipe_parser("t", "t", HELP)
     args = parser.parse_args(["--model", "m", "--data", "d", "--output", str(tmp_path)])
     (tmp_path / "backup").mkdir()
     recipe.check_args(args)  # checkpoint.pt by default: nothing there
@@ -394,3 +396,49 @@ def test_import_callable_names_each_problem_in_one_line():
                           ("os:sep", "sep is not callable")]:
         with pytest.raises(recipe.RecipeError, match=re.escape(f"--model {name}: {message}")):
             recipe.import_callable(name)
+
+
+def test_lookahead_returns_each_index_value_whatever_the_request_order():
+    # A framework reads ahead, restarts its iterator, asks again: every request gets
+    # compute(index), and at most depth + 1 values are held.
+    import threading
+    computed: list[int] = []
+    lock = threading.Lock()
+
+    def compute(index: int) -> tuple[int, int]:
+        with lock:
+            computed.append(index)
+        return index, index * index
+
+    for workers in (0, 1, 3):
+        computed.clear()
+        ahead = recipe.Lookahead(compute, workers, limit=20)
+        requests = [0, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 19, 19, 7]
+        assert [ahead[i] for i in requests] == [(i, i * i) for i in requests]
+        assert len(ahead._pending) <= 2 * workers + 1
+        assert max(computed) < 20  # nothing at or past the limit
+        if workers == 0:
+            assert computed == requests  # computed when asked for, in the caller
+
+
+def test_lookahead_raises_an_error_when_its_index_is_asked_for():
+    def compute(index: int) -> int:
+        if index == 2:
+            raise RecipeError("cannot read image 2")
+        return index
+
+    ahead = recipe.Lookahead(compute, 2)
+    assert [ahead[0], ahead[1]] == [0, 1]  # index 2 failed ahead: not raised yet
+    with pytest.raises(RecipeError, match="cannot read image 2"):
+        ahead[2]
+    assert ahead[3] == 3
+
+
+def test_recipe_parser_takes_each_recipes_own_help_for_every_flag_whose_meaning_differs():
+    parser = recipe.recipe_parser("train_x.py", "test", HELP)
+    text = " ".join(parser.format_help().split())
+    for name in recipe.RECIPE_HELP_FLAGS:
+        assert f"{name} as this recipe does it" in text, name
+    for partial in ({k: v for k, v in HELP.items() if k != "sync_bn"}, {**HELP, "lr": "x"}):
+        with pytest.raises(ValueError, match="recipe_help: expected help for exactly"):
+            recipe.recipe_parser("train_x.py", "test", partial)

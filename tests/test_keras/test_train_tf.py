@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,9 @@ DEVICES = 1 if BACKEND == "torch" else 2
 FOLDER_DATA = BACKEND == "tensorflow"
 SIZE = ["--train-crop-size", "16", "--val-resize-size", "16", "--val-crop-size", "16"]
 # The step schedule does not depend on --epochs, so a 1-epoch run continued to 2 follows
-# the same learning rates as a 2-epoch run.
-RECIPE = ["--model", TINY, "--doconv", "--batch-size", "4", "--workers", "0", "--quiet",
+# the same learning rates as a 2-epoch run. --workers is left at its default (2 loader
+# threads): what users run, and where batches were once fed out of their (seed, epoch) order.
+RECIPE = ["--model", TINY, "--doconv", "--batch-size", "4", "--quiet",
           "--lr", "0.05", "--lr-schedule", "step", "--lr-step-size", "1", "--lr-gamma", "0.5",
           "--devices", str(DEVICES), *SIZE]
 
@@ -115,6 +117,26 @@ def test_resumed_run_ends_bit_identical_to_uninterrupted(tmp_path, data, straigh
     assert measured(read_metrics(tmp_path)) == measured(read_metrics(straight))
 
 
+def test_two_processes_with_the_same_flags_train_the_same_weights(tmp_path, data):
+    # The built-in model's initial weights come from --seed (keras.utils.set_random_seed),
+    # not from draws fixed when samples/models_tf.py was imported.
+    outputs = [tmp_path / "first", tmp_path / "second"]
+    flags = [*data, "--model", "resnet20", "--epochs", "1", "--batch-size", "4", "--quiet",
+             "--seed", "1", "--devices", str(DEVICES), *SIZE]
+    processes = [subprocess.Popen([sys.executable, SCRIPT, *flags, "--output", str(output)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=environment(), cwd=REPO) for output in outputs]
+    for process in processes:
+        _, stderr = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0, stderr[-3000:]
+    first, second = weights(outputs[0]), weights(outputs[1])
+    assert first.keys() == second.keys() and len(first) > 50
+    for key, value in first.items():
+        assert np.array_equal(second[key], value), key
+    assert read_metrics(outputs[0])["epochs"][0]["train_loss"] == \
+        read_metrics(outputs[1])["epochs"][0]["train_loss"]
+
+
 def test_metrics_record_every_epoch_and_fused_equals_unfused(tmp_path, straight):
     metrics = read_metrics(straight)
     assert (metrics["framework"], metrics["backend"]) == ("keras", BACKEND)
@@ -162,11 +184,59 @@ def test_builtin_resnet20_matches_the_pytorch_recipes_network():
     assert tuple(model(x).shape) == (2, 10)
 
 
-def test_sigterm_stops_between_steps_keeping_the_last_backup(tmp_path, data):
+def test_training_batches_follow_the_seed_and_epoch_order_under_default_workers(monkeypatch):
+    # Keras reads batches ahead (its symbolic build, tf.data's prefetching, the next epoch's
+    # iterator made at the end of this one): every step must still train on the batch the
+    # (seed, epoch) order names, from the first epoch or from a resumed one.
+    from samples import recipe, train_tf
+    monkeypatch.setattr(train_tf, "keras", keras)  # what main() sets once Keras is imported
+    count, batch, epochs = 22, 4, 3  # 6 steps an epoch, the last one padded
+    images = np.repeat(np.arange(count, dtype=np.uint8), 28 * 28).reshape(count, 28, 28)
+    labels = np.arange(count) % 2
+    source = train_tf.ArraySource(images, labels, 0.0, 1.0)  # pixels: index / 255
+    data = train_tf.Data(source, source, labels, labels, 2, (28, 28, 3), "indices")
+    args = train_tf.parser().parse_args(["--model", "m", "--data", "d", "--output", "o",
+                                         "--batch-size", str(batch), "--seed", "3"])
+    assert args.workers == 2  # the default
+    steps = -(-count // batch)
+    seen: list[list[int]] = []
+
+    class Recorder(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool, self.dense = keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(self.pool(x))
+
+        def train_step(self, *state_and_data):  # JAX: (state, data); TensorFlow, torch: (data,)
+            x = keras.ops.convert_to_numpy(state_and_data[-1][0])
+            seen.append(np.rint(x[:, 0, 0, 0] * 255).astype(int).tolist())
+            return super().train_step(*state_and_data)
+
+    def expected(epoch: int) -> list[list[int]]:
+        order = recipe.epoch_order(count, batch, args.seed, epoch)
+        return [order[step * batch:(step + 1) * batch] for step in range(steps)]
+
+    for first in (0, 1):  # an uninterrupted run, then one resumed after epoch 1
+        seen.clear()
+        model = Recorder()
+        model.compile(optimizer="sgd", loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True), run_eagerly=True)
+        batches, _ = train_tf.make_batches(data, args, types.SimpleNamespace(count=1), first)
+        model.fit(batches, epochs=epochs, initial_epoch=first, steps_per_epoch=steps,
+                  verbose=0, shuffle=False)
+        assert seen == [b for epoch in range(first, epochs) for b in expected(epoch)], first
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process group"])
+def test_sigterm_stops_between_steps_keeping_the_last_backup(tmp_path, data, group):
+    # group: the signal reaches the loader workers as well (Slurm, systemd, a terminal)
     command = [sys.executable, SCRIPT, *data, "--epochs", "1000", "--output", str(tmp_path),
                *RECIPE]
     returncode, stderr = recipe_checks.terminate_after(command, tmp_path / "backup" / "recipe.json",
-                                                       environment(), REPO, TIMEOUT_S)
+                                                       environment(), REPO, TIMEOUT_S,
+                                                       group=group)
     assert returncode == 143, stderr[-3000:]
     assert "stopped by SIGTERM; the last completed epoch's backup is kept" in stderr
     assert "Traceback" not in stderr
@@ -283,3 +353,10 @@ else:
         for needle in ("| 1 device |", "| 2 devices |", "doconv / native",
                        "2-device ratio - 1-device ratio", f"backend {BACKEND}"):
             assert needle in text, text
+
+
+def test_help_says_what_this_recipe_does_as_the_readme_flag_tables_do():
+    # Each recipe's own words for the flags whose meaning differs (batch per process or
+    # device, loader processes or threads, its checkpoint, its --amp/--sync-bn/--onnx).
+    recipe_checks.assert_help_matches_readme("train_tf.py", recipe_checks.recipe_help(
+        SCRIPT, environment(), REPO))

@@ -427,3 +427,10 @@ def test_two_device_benchmark_smoke_prints_the_side_by_side_ratios(tmp_path):
     for needle in ("| 1 device |", "| 2 devices (kvstore) |", "doconv / native",
                    "two-device ratio - one-device ratio"):
         assert needle in text, text
+
+
+def test_help_says_what_this_recipe_does_as_the_readme_flag_tables_do():
+    # Each recipe's own words for the flags whose meaning differs (batch per process or
+    # device, loader processes or threads, its checkpoint, its --amp/--sync-bn/--onnx).
+    recipe_checks.assert_help_matches_readme("train_gluoncv.py", recipe_checks.recipe_help(
+        SCRIPT, environment(), REPO))
