@@ -26,6 +26,7 @@ import math
 import os
 import re
 import struct
+import warnings
 import zipfile
 import zlib
 from typing import Any, Mapping, Union
@@ -58,14 +59,20 @@ def is_parameter_dtype(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or is_bfloat16(dtype)
 
 
+_RaggedWarning = getattr(np, "exceptions", np).VisibleDeprecationWarning
+
+
 def checkpoint_array(name: str, value: Any) -> np.ndarray:
     """``value`` as a NumPy array of real floating-point numbers (float16, float32,
     float64, or ``ml_dtypes.bfloat16``), else a CheckpointError naming the array: integer,
     boolean, complex, float8, string or object data is never a parameter, and a silent cast
     would hide a corrupt or mismatched file."""
     try:
-        array = np.asarray(value)
-    except (ValueError, TypeError) as error:
+        with warnings.catch_warnings():
+            # NumPy < 1.24 makes an object array of a ragged list, with only this warning.
+            warnings.simplefilter("error", _RaggedWarning)
+            array = np.asarray(value)
+    except (ValueError, TypeError, _RaggedWarning) as error:
         raise CheckpointError(f"{name} cannot be read as an array: {error}") from None
     if not is_parameter_dtype(array.dtype):
         raise CheckpointError(
@@ -380,7 +387,7 @@ def _read_npy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str
                               f"{info.filename!r} is an object array, which only unpickling "
                               "could read")
     shape = tuple(int(n) for n in match.group(3).split(",") if n.strip())
-    check_numpy_shape(shape, where, info.filename[:-4])
+    check_numpy_shape(shape, dtype.itemsize, where, info.filename[:-4])
     needed = math.prod(shape) * dtype.itemsize
     if len(data) - start - size != needed:
         raise CheckpointError(f"{member} holds {len(data) - start - size} bytes of data, but "

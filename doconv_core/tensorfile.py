@@ -9,14 +9,16 @@ to the end of the header. Tensors are contiguous, in offset order, and cover the
 exactly; nothing in the file is ever executed.
 
 doconv_core stays NumPy-only, so this module implements the format itself, with the
-reference implementation's validation rules (header at most 100 MB and starting with
-``{``, JSON nested at most 128 deep, checked before it is parsed, no duplicate names,
-offsets in order and without gaps or overlaps, each byte range the size its dtype and shape
-give, metadata strings only). Files it writes lay out tensors
-as the reference writer does (sorted by dtype, largest first, then by name), so they are
-byte-identical to its files but for the order of metadata keys (sorted here; the
-reference's follows a hash map). BF16 and the 8-bit float dtypes read as ``ml_dtypes`` arrays
-when ``ml_dtypes`` is installed; the sub-byte F4/F6 dtypes can be inspected, not read.
+reference implementation's validation rules (header at most 100 MB, a JSON object, which
+JSON whitespace may precede, nested at most 128 deep, checked before it is parsed; offsets
+in order and without gaps or overlaps, each byte range the size its dtype and shape give,
+metadata strings only) and one rule more: no key twice in a JSON object (the reference
+keeps the last, another reader may keep the first, so such a file is refused). Files it
+writes lay out tensors as the reference writer does (sorted by dtype, largest first, then
+by name), so they are byte-identical to its files but for the order of metadata keys
+(sorted here; the reference's follows a hash map). BF16 and the 8-bit float dtypes read as
+``ml_dtypes`` arrays when ``ml_dtypes`` is installed; the sub-byte F4/F6 dtypes can be
+inspected, not read.
 
 Every problem reading a file is a :class:`~doconv_core.params.CheckpointError` naming the
 file and, where it is about one tensor, the tensor.
@@ -102,12 +104,14 @@ def _numpy_dtype(code: str, where: str, name: str) -> np.dtype:
                           "as a NumPy array (sub-byte elements)")
 
 
-def check_numpy_shape(shape: tuple[int, ...], where: str, name: str) -> None:
-    # The format allows any rank and, for an empty tensor, any dimension; NumPy does not.
-    if len(shape) > _MAX_DIMS or any(n >= 2**63 for n in shape):
+def check_numpy_shape(shape: tuple[int, ...], itemsize: int, where: str, name: str) -> None:
+    """A CheckpointError unless NumPy can make an array of ``shape``: the format allows any
+    rank and, for an empty tensor, any dimensions; NumPy caps the rank and the bytes its
+    non-zero dimensions would span."""
+    if len(shape) > _MAX_DIMS or math.prod(n for n in shape if n) * itemsize >= 2**63:
         raise CheckpointError(f"{where}: tensor {name!r} has shape {shape}, which cannot be "
-                              f"read as a NumPy array (at most {_MAX_DIMS} dimensions, each "
-                              "below 2**63)")
+                              f"read as a NumPy array (at most {_MAX_DIMS} dimensions, whose "
+                              "non-zero ones span under 2**63 bytes)")
 
 
 def _safetensors_dtype(dtype: np.dtype) -> Optional[str]:
@@ -138,6 +142,8 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+_JSON_SPACE = " \t\n\r"  # JSON's whitespace, which the reference reader allows before '{'
+_SNIFF = 64  # how far into the header is_safetensors looks for the '{'
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_CHUNK = 1 << 20
@@ -181,7 +187,7 @@ def _parse_header(raw: bytes, where: str, data_size: int
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise CheckpointError(f"{where} has a header that is not UTF-8 text: {error}") from None
-    if not text.startswith("{"):
+    if not text.lstrip(_JSON_SPACE).startswith("{"):
         raise CheckpointError(f"{where} is not a safetensors file: its header does not start "
                               f"with '{{' (starts with {text[:16]!r})")
     header = parse_json(text, where, "has a corrupt safetensors header")
@@ -197,12 +203,13 @@ def _parse_header(raw: bytes, where: str, data_size: int
                               f"map strings to strings, got {json.dumps(metadata)[:200]}")
     entries: dict[str, dict] = {}
     for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        # Other keys are ignored, as the reference implementation ignores them.
+        if not isinstance(entry, dict) or not _ENTRY_KEYS <= set(entry):
             keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
             raise CheckpointError(f"{where}: tensor {name!r} has an invalid header entry: "
                                   f"expected the keys {sorted(_ENTRY_KEYS)}, got {keys}")
         code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
             raise CheckpointError(f"{where}: tensor {name!r} has unknown dtype {code!r} "
                                   f"(safetensors dtypes: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
@@ -307,7 +314,7 @@ def read_safetensors(path: PathLike, *, mmap: bool = True
             dtypes = {name: _numpy_dtype(entry["dtype"], where, name)
                       for name, entry in entries.items()}
             for name, entry in entries.items():
-                check_numpy_shape(entry["shape"], where, name)
+                check_numpy_shape(entry["shape"], dtypes[name].itemsize, where, name)
             if mmap and file_size > start:
                 buffer = np.memmap(handle, dtype=np.uint8, mode="r")
             else:
@@ -331,18 +338,19 @@ def read_safetensors(path: PathLike, *, mmap: bool = True
 
 def is_safetensors(path: PathLike) -> bool:
     """Whether ``path`` looks like a safetensors file: a header size in the format's range
-    followed by ``{``. A cheap sniff of its first 9 bytes, not a validation: a truncated or
-    corrupt safetensors file passes (``read_safetensors`` then says what is wrong); an
-    unreadable or missing file is False."""
+    followed by ``{`` (after any JSON whitespace, within the first 64 bytes of the header).
+    A cheap sniff, not a validation: a truncated or corrupt safetensors file passes
+    (``read_safetensors`` then says what is wrong); an unreadable or missing file is False."""
     try:
         with open(path, "rb") as handle:
-            prefix = handle.read(9)
+            prefix = handle.read(8 + _SNIFF)
     except OSError:
         return False
     if len(prefix) < 9:
         return False
     (size,) = struct.unpack("<Q", prefix[:8])
-    return 2 <= size <= MAX_HEADER_SIZE and prefix[8:9] == b"{"
+    start = prefix[8:8 + size].lstrip(_JSON_SPACE.encode())
+    return 2 <= size <= MAX_HEADER_SIZE and start.startswith(b"{")
 
 
 def _check_arrays(arrays: Any) -> dict[str, tuple[str, np.ndarray]]:

@@ -6,10 +6,20 @@ from hypothesis import HealthCheck, settings
 
 from samples.datasets import write_idx
 
-# Property tests state their own example counts; none has a deadline (CI machines vary).
-settings.register_profile("doconv", deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "doconv"))
+# Hypothesis profiles, picked by HYPOTHESIS_PROFILE (tox passes it through):
+# - "ci", the default: derandomized (every run draws the same examples, so a failure
+#   reproduces and a pass means the same thing every time), no example database, no
+#   deadline (CI machines vary). Property tests state their own example counts; the fuzz
+#   tests take theirs from strategies.fuzz_settings, a fixed budget here.
+# - "long": random draws with the example database, for long local runs of the fuzz suite
+#   (strategies.fuzz_settings multiplies each budget by DOCONV_FUZZ_SCALE, 100 by default):
+#   HYPOTHESIS_PROFILE=long python -m pytest tests/core/test_fuzz_files.py
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_SLOW)
+settings.register_profile("long", deadline=None, suppress_health_check=_SLOW)
+settings.register_profile("doconv", settings.get_profile("ci"))  # the former default's name
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -51,3 +51,17 @@ def input_shape_for(spec: ConvSpec, batch: int = 2) -> tuple[int, ...]:
     spatial = tuple((k - 1) * d + (4 if axis == 0 else 3)
                     for axis, (k, d) in enumerate(zip(spec.kernel_size, spec.dilation)))
     return (batch, spec.in_channels) + spatial
+
+
+def fuzz_settings(examples: int, **kwargs):
+    """Hypothesis settings for a fuzz test: ``examples`` examples under the default "ci"
+    profile (derandomized: the same examples every run), ``examples`` times
+    DOCONV_FUZZ_SCALE (100 unless set) under HYPOTHESIS_PROFILE=long. See tests/conftest.py."""
+    import os
+
+    from hypothesis import settings
+
+    scale = 1
+    if os.environ.get("HYPOTHESIS_PROFILE") == "long":
+        scale = int(os.environ.get("DOCONV_FUZZ_SCALE", "100"))
+    return settings(max_examples=examples * scale, **kwargs)
