@@ -22,9 +22,14 @@ from doconv_core import DOConvParams
 if TYPE_CHECKING:
     from .layer import _DOConvNd
 
-__all__ = ["assignment_problem", "staged"]
+__all__ = ["assignment_problem", "held_tensor", "parametrized", "staged", "staged_tensors"]
 
 Assignment = Callable[[], None]
+
+
+def parametrized(layer: _DOConvNd) -> bool:
+    """Whether a parameter of the layer is parametrized (torch.nn.utils.parametrize)."""
+    return any(parametrize.is_parametrized(layer, name) for name, _ in _parts(layer))
 
 
 def _parts(layer: _DOConvNd) -> list[tuple[str, tuple[int, ...]]]:
@@ -43,6 +48,12 @@ def _targets(layer: _DOConvNd, name: str) -> tuple[Optional[Any], list[Any]]:
     if hasattr(chain, "original"):
         return chain, [chain.original]
     return chain, [getattr(chain, f"original{i}") for i in range(chain.ntensors)]
+
+
+def held_tensor(layer: _DOConvNd, name: str) -> Tensor:
+    """The (first) tensor holding parameter ``name``'s values: the parameter or the original
+    of its parametrization."""
+    return _targets(layer, name)[1][0]
 
 
 def assignment_problem(layer: _DOConvNd) -> Optional[str]:
@@ -88,9 +99,17 @@ def staged(layer: _DOConvNd, params: DOConvParams, caller: Optional[str] = None)
     nothing (a ValueError otherwise, which says ``caller`` cannot fill the layer where one is
     named); returns the assignment, which copies them in place."""
     params = doconv_core.assignable_params(params, layer.spec)
+    return staged_tensors(layer, {name: torch.from_numpy(np.ascontiguousarray(
+        getattr(params, name))) for name, _ in _parts(layer)}, caller)
+
+
+def staged_tensors(layer: _DOConvNd, values: dict[str, Tensor],
+                   caller: Optional[str] = None) -> Assignment:
+    """``staged`` for values of every parameter the layer's spec gives it, as tensors of
+    those shapes (any floating dtype and device: each is cast to its target's)."""
     if layer._on_meta():
-        raise ValueError("set_params cannot fill a layer on the meta device; materialise it "
-                         "(layer.to_empty(device=...)) first")
+        raise ValueError(f"{caller or 'set_params'} cannot fill a layer on the meta device; "
+                         f"materialise it (layer.to_empty(device=...)) first")
     refused = f"{caller} cannot fill this layer: " if caller else ""
     problem = assignment_problem(layer)
     if problem:
@@ -99,23 +118,21 @@ def staged(layer: _DOConvNd, params: DOConvParams, caller: Optional[str] = None)
     with torch.no_grad():
         for name, _ in _parts(layer):
             chain, targets = _targets(layer, name)
-            value = torch.from_numpy(np.ascontiguousarray(getattr(params, name))).to(
-                device=targets[0].device, dtype=targets[0].dtype)
+            value = values[name].to(device=targets[0].device, dtype=targets[0].dtype)
             if chain is None:
                 copies.append((targets[0], value))
                 continue
             for module in reversed(chain):  # what assigning layer.<name> = value runs
                 value = module.right_inverse(value)
-            values = [value] if len(targets) == 1 and isinstance(value, Tensor) else value
-            if not isinstance(values, (list, tuple)) or len(values) != len(targets) or any(
+            held = [value] if len(targets) == 1 and isinstance(value, Tensor) else value
+            if not isinstance(held, (list, tuple)) or len(held) != len(targets) or any(
                     not isinstance(v, Tensor) or v.shape != t.shape or v.dtype != t.dtype
-                    for v, t in zip(values, targets)):
+                    for v, t in zip(held, targets)):
                 raise ValueError(
                     f"{refused}the right_inverse of {name}'s parametrization must return "
-                    f"tensors of shapes "
-                    f"{[tuple(t.shape) for t in targets]} and dtypes "
-                    f"{[t.dtype for t in targets]}, got {_describe(values)}")
-            copies.extend(zip(targets, values))
+                    f"tensors of shapes {[tuple(t.shape) for t in targets]} and dtypes "
+                    f"{[t.dtype for t in targets]}, got {_describe(held)}")
+            copies.extend(zip(targets, held))
 
     def assign() -> None:
         with torch.no_grad():

@@ -166,6 +166,11 @@ class _DOConvNd(nn.Module):
         # kaiming_uniform_(a=sqrt(5))'s own arithmetic, so D_mul = MN draws the native weight.
         std = init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
         bound = math.sqrt(3.0) * std
+        if _assign.parametrized(self):
+            # In-place draws would land in the parametrizations' outputs: draw the same
+            # numbers into fresh tensors, assigned through the right_inverse.
+            self._reset_through_parametrizations(bound)
+            return
         with torch.no_grad():
             init.uniform_(self.W, -bound, bound)
             if self.D is not None:
@@ -173,6 +178,23 @@ class _DOConvNd(nn.Module):
             if self.bias is not None:
                 bias_bound = 1 / math.sqrt(fan_in)
                 init.uniform_(self.bias, -bias_bound, bias_bound)
+
+    @torch.jit.unused
+    def _reset_through_parametrizations(self, bound: float) -> None:
+        spec = self._spec
+
+        def empty(name: str, shape: Tuple[int, ...]) -> Tensor:  # where the draw would be
+            held = _assign.held_tensor(self, name)
+            return torch.empty(shape, dtype=held.dtype, device=held.device)
+
+        values = {"W": init.uniform_(empty("W", spec.W_shape), -bound, bound)}
+        if spec.has_D:
+            values["D"] = empty("D", spec.D_shape).zero_()
+        if spec.bias:
+            bias_bound = 1 / math.sqrt(spec.fan_in)
+            values["bias"] = init.uniform_(empty("bias", (spec.out_channels,)), -bias_bound,
+                                           bias_bound)
+        _assign.staged_tensors(self, values, "reset_parameters")()
 
     # -- the composed kernel -----------------------------------------------------------
     def _compose(self) -> Tensor:

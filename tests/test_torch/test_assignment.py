@@ -324,3 +324,21 @@ def test_convert_and_fuse_keep_forward_and_backward_hooks():
             ["pre", "post", "kw", "back"]
         assert calls == expected, (type(made).__name__, calls)
     assert type(original[0]) is nn.Conv2d  # the given model keeps its own
+
+
+def test_reset_parameters_of_a_parametrized_layer_draws_what_a_plain_one_draws():
+    plain, layer = DOConv2d(3, 4, 3), DOConv2d(3, 4, 3)
+    parametrize.register_parametrization(layer, "W", Doubled())
+    parametrize.register_parametrization(layer, "bias", Doubled())
+    torch.manual_seed(5)
+    plain.reset_parameters()
+    torch.manual_seed(5)
+    layer.reset_parameters()
+    for name in ("W", "D", "bias"):
+        assert torch.equal(getattr(layer, name), getattr(plain, name)), name
+    parametrize.register_parametrization(layer, "D", NoInverse())
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match="reset_parameters cannot fill this layer: D is "
+                                         "parametrized by NoInverse"):
+        layer.reset_parameters()
+    assert_unchanged(before, layer)
