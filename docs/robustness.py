@@ -236,6 +236,17 @@ def torch_rows(files: Files) -> Iterator[Row]:
                          np.zeros(one_d_spec.D_shape, np.float32), np.zeros(8, np.float32))
     one_d_layer = doconv_torch.DOConv1d(4, 8, 3)
 
+    class NoInverse(nn.Module):  # a parametrization without right_inverse
+        def forward(self, x):
+            return 2 * x
+
+    no_inverse = net()
+    torch.nn.utils.parametrize.register_parametrization(no_inverse[3], "W", NoInverse())
+    with torch.inference_mode():
+        inference_model, inference_layer = net(), DOConv2d(4, 8, 3)
+    narrow_bias = net()
+    narrow_bias[0].bias = nn.Parameter(torch.zeros(1))
+
     yield Row("DOConv2d(4, 8, 0)", "kernel_size", lambda: DOConv2d(4, 8, 0))
     yield Row("DOConv2d(4, 8, 3, groups=3)", "groups", lambda: DOConv2d(4, 8, 3, groups=3))
     yield Row("DOConv2d(4, 8, 3, D_mul=8)", "D_mul", lambda: DOConv2d(4, 8, 3, D_mul=8))
@@ -298,6 +309,20 @@ def torch_rows(files: Files) -> Iterator[Row]:
                   model, {k: v for k, v in legacy.items() if k != "3.W"}), state(model))
     yield Row("load_legacy(model, weights, strict='yes')", "strict",
               lambda: doconv_torch.load_legacy(model, legacy, strict="yes"), state(model))
+    # Layers that cannot take values: refused before anything changes.
+    yield Row("layer.set_params(params) for a layer built under torch.inference_mode()",
+              "inference", lambda: inference_layer.set_params(layer.to_params()),
+              state(inference_layer))
+    yield Row("import_params(model built under torch.inference_mode(), path)", "inference",
+              lambda: doconv_torch.import_params(inference_model, good), state(inference_model))
+    yield Row("import_params(model whose layer 3's W is parametrized without right_inverse, "
+              "path)", "right_inverse", lambda: doconv_torch.import_params(no_inverse, good),
+              state(no_inverse))
+    yield Row("import_params(model whose layer 0's bias was replaced by one of shape (1,), "
+              "path)", "bias", lambda: doconv_torch.import_params(narrow_bias, good),
+              state(narrow_bias))
+    yield Row("load_legacy(model built under torch.inference_mode(), weights)", "inference",
+              lambda: doconv_torch.load_legacy(inference_model, legacy), state(inference_model))
 
 
 # -- Keras ----------------------------------------------------------------------------------
