@@ -331,7 +331,8 @@ def fused_kernel(layer: Layer) -> np.ndarray:
     work = np.float32 if dtype.itemsize < 4 else dtype
     D = None if layer.D is None else np.asarray(layer.D, dtype=work)
     groups = layer.inferred_groups() or 1  # a kernel of one element: the weight is W itself
-    kernel = compose_kernel(D, W.astype(work), groups=groups, kernel_size=layer.kernel_size)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf in, inf out: no warning lines
+        kernel = compose_kernel(D, W.astype(work), groups=groups, kernel_size=layer.kernel_size)
     return kernel.astype(dtype)
 
 
@@ -896,8 +897,10 @@ def _norm_ratio(layer: Layer) -> str:
         return "-"
     W = np.asarray(layer.W, dtype=np.float64)
     D = np.asarray(layer.D, dtype=np.float64)
-    w = float(np.linalg.norm(W))
-    return f"{float(np.linalg.norm(D)) / w:.4g}" if w else "inf"
+    with np.errstate(over="ignore", invalid="ignore"):  # a file's inf or nan: no warning lines
+        w = float(np.linalg.norm(W))
+        d = float(np.linalg.norm(D))
+    return f"{d / w:.4g}" if w else "inf"
 
 
 def _count(value: Any) -> int:

@@ -12,7 +12,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from hypothesis import settings
+import numpy as np
+from hypothesis import strategies as st
+
+from doconv_core.compose import compose_kernel
+from doconv_core.spec import extra_state_record, read_extra_state
+from strategies import layer_specs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,8 +85,128 @@ def assert_failed_cleanly(result: tuple[int, str, str], directory: Path,
     assert leftovers(directory, keep) == [], "a failed run left files"
 
 
-def fuzz_settings(share: float = 1.0, minimum: int = 5) -> settings:
-    """The loaded hypothesis profile's example budget (CI's bounded one, or
-    HYPOTHESIS_PROFILE=long's), scaled by ``share`` for readers whose every example costs
-    a framework's load and save."""
-    return settings(max_examples=max(minimum, int(settings().max_examples * share)))
+# -- the command's property tests: state dicts, their mutations, the expected fusion ---------
+LAYER_PREFIXES = ("features.0.", "head.")
+
+
+@st.composite
+def state_dicts(draw, dtypes=("float16", "float32", "float64")) -> dict[str, np.ndarray]:
+    """A valid flat state dict as doconv_torch saves it (NumPy arrays; bfloat16 as an
+    ml_dtypes array): one or two DO-Conv layers of ranks 1-3 with their extra state, and an
+    entry beside them."""
+    state: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    for prefix in LAYER_PREFIXES[:draw(st.integers(1, 2))]:
+        spec = draw(layer_specs(rank=draw(st.integers(1, 3))))
+        dtype = _dtype(draw(st.sampled_from(dtypes)))
+        state[prefix + "W"] = rng.standard_normal(spec.W_shape).astype(dtype)
+        if spec.has_D:
+            state[prefix + "D"] = (0.1 * rng.standard_normal(spec.D_shape)).astype(dtype)
+        if spec.bias:
+            state[prefix + "bias"] = rng.standard_normal(spec.out_channels).astype(dtype)
+        state[prefix + "_extra_state"] = np.array(
+            extra_state_record(spec.rank, spec.groups, spec.kernel_size), np.int64)
+    state["bn.running_mean"] = rng.standard_normal(3).astype(np.float32)
+    return state
+
+
+def _dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+STATE_MUTATIONS = ("W shape", "D shape", "bias shape", "dtype", "extra state", "drop key",
+                   "rename key", "D_mul", "empty W")
+
+
+@st.composite
+def mutated_states(draw, dtypes=("float16", "float32", "float64")
+                   ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(a state dict from ``state_dicts``, changed 0 to 2 times at the level of its arrays:
+    shapes, dtypes, extra-state values, keys; the changes made)."""
+    state = draw(state_dicts(dtypes))
+    done = []
+    for _ in range(draw(st.integers(0, 2))):
+        prefixes = sorted({k[:-1] for k in state if k.endswith(".W")})
+        if not prefixes:
+            break
+        kind = draw(st.sampled_from(STATE_MUTATIONS))
+        prefix = draw(st.sampled_from(prefixes))
+        done.append(kind)
+        if kind.endswith("shape") and prefix + kind.split()[0] in state:
+            key = prefix + kind.split()[0]
+            shape = list(state[key].shape)
+            axis = draw(st.integers(0, len(shape) - 1))
+            shape[axis] = draw(st.integers(0, 4))
+            state[key] = np.zeros(shape, state[key].dtype)
+        elif kind == "dtype":
+            key = draw(st.sampled_from(sorted(state)))
+            state[key] = state[key].astype(draw(st.sampled_from(
+                ["int64", "int32", "bool", "float16", "float32", "float64"])))
+        elif kind == "extra state":
+            values = draw(st.lists(st.integers(-2, 5), min_size=0, max_size=7))
+            state[prefix + "_extra_state"] = np.array(values, np.int64)
+        elif kind == "drop key":
+            state.pop(draw(st.sampled_from(sorted(state))))
+        elif kind == "rename key":
+            key = draw(st.sampled_from(sorted(state)))
+            state[draw(st.sampled_from(["weight", "W", "D", "x.W"]))] = state.pop(key)
+        elif kind == "D_mul" and prefix + "D" in state:  # below the kernel volume, or above
+            D_mul = draw(st.integers(1, 3 * state[prefix + "D"].shape[1]))
+            for part in ("W", "D"):
+                shape = state[prefix + part].shape[:2] + (D_mul,)
+                state[prefix + part] = np.ones(shape, state[prefix + part].dtype)
+        elif kind == "empty W":
+            state[prefix + "W"] = np.zeros((0,) + state[prefix + "W"].shape[1:],
+                                           state[prefix + "W"].dtype)
+    return state, done
+
+
+def expected_fusion(entries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What fusing ``entries`` must give, computed apart from the command: each layer (a W
+    with an extra state) becomes ``weight``, composed in float32 for 16-bit floats and stored
+    in W's dtype; every other entry as it is."""
+    layers = {key[:-len("_extra_state")] for key in entries
+              if key.endswith("_extra_state") and key[:-len("_extra_state")] + "W" in entries}
+    dropped = {prefix + part for prefix in layers for part in ("D", "_extra_state")}
+    fused = {}
+    for key, value in entries.items():
+        prefix = key[:-1]
+        if key.endswith("W") and prefix in layers:
+            _, groups, kernel_size = read_extra_state(entries[prefix + "_extra_state"].tolist())
+            work = np.float32 if value.dtype.itemsize < 4 else value.dtype
+            D = entries.get(prefix + "D")
+            fused[prefix + "weight"] = compose_kernel(
+                None if D is None else D.astype(work), value.astype(work), groups=groups,
+                kernel_size=kernel_size).astype(value.dtype)
+        elif key not in dropped:
+            fused[key] = value
+    return fused
+
+
+def assert_same_entries(found: dict, expected: dict) -> None:
+    assert sorted(found) == sorted(expected)
+    for key, value in expected.items():
+        got = np.asarray(found[key])
+        assert got.dtype == value.dtype and got.shape == value.shape, (key, got.dtype, value.dtype)
+        assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(value).view(np.uint8)), key
+
+
+def check_fuse_property(source: Path, out: Path, read_input, read_output, *args: object) -> bool:
+    """The command's property on one input file: ``doconv fuse SOURCE OUT`` either succeeds
+    with what ``expected_fusion`` gives for the file as ``read_input`` (the reference reader)
+    reads it, and ``inspect`` succeeds too, or both fail with one ``doconv: error:`` line,
+    exit 1 and nothing written. Returns whether it succeeded."""
+    directory = source.parent
+    result = run_in_process("fuse", source, out, *args)
+    if result[0] != 0:
+        assert_failed_cleanly(result, directory, [source])
+        return False
+    assert_same_entries(read_output(out), expected_fusion(read_input(source)))
+    out.unlink()
+    assert leftovers(directory, [source]) == []
+    status, stdout, stderr = run_in_process("inspect", source)
+    assert status == 0 and stderr == "" and "DO-Conv layer(s)" in stdout, (status, stderr)
+    return True
