@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from .compose import compose_kernel, embed_kernel, identity_d
-from .params import CheckpointError, DOConvParams, checkpoint_array
+from .params import (CheckpointError, DOConvParams, checkpoint_array, common_dtype,
+                     working_dtype)
 from .spec import ConvSpec
 
 
@@ -85,9 +86,13 @@ def _from_mapped(spec: ConvSpec, D: np.ndarray | None, W: np.ndarray, bias: np.n
                   else "permuted D channels")
         return LegacyImport(DOConvParams(spec, W.copy(), D[permutation].copy(), bias), True,
                             method)
-    kernel = compose_kernel(D, W, groups=spec.groups, kernel_size=spec.kernel_size,
-                            channel_map=channel_map)
-    D_new, W_new = embed_kernel(kernel, groups=spec.groups, D_mul=spec.D_mul)
+    # Composed in float32 at least (16-bit arithmetic would round every partial sum, and
+    # NumPy's einsum takes no bfloat16), stored in the checkpoint's dtype.
+    dtype = common_dtype(D.dtype, W.dtype)
+    work = working_dtype(dtype)
+    kernel = compose_kernel(D.astype(work), W.astype(work), groups=spec.groups,
+                            kernel_size=spec.kernel_size, channel_map=channel_map)
+    D_new, W_new = embed_kernel(kernel.astype(dtype), groups=spec.groups, D_mul=spec.D_mul)
     return LegacyImport(DOConvParams(spec, W_new, D_new, bias), False,
                         "embedded composed kernel")
 

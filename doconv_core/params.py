@@ -207,6 +207,9 @@ def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, Param
     specs = {name: params.spec.to_dict() for name, params in layers.items()}
     if _writes_npz(path):
         for name, params in layers.items():
+            if "\0" in name:  # zipfile ends a member name at its first NUL
+                raise ValueError(f"layer names in an .npz file cannot hold NUL characters, got "
+                                 f"{name!r}: save to a .safetensors path")
             for part, array in _parts(params).items():
                 if not np.asarray(array).dtype.kind == "f":
                     raise ValueError(

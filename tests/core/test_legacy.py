@@ -163,3 +163,33 @@ def test_prepare_legacy_is_two_dimensional_only(layout, array):
                                                     strict=False, loads_other_keys=False)
     assert list(results) == ["image"] and remaining == {}
     assert missing == [f"flat.{array}", f"volume.{array}"]
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("importer", ["torch", "tf"])
+def test_16_bit_checkpoints_import_composed_in_float32(half, importer):
+    # A grouped torch checkpoint embeds its composed kernel (which NumPy's einsum cannot
+    # compute in bfloat16); the kernel is composed in float32 and stored in the input dtype.
+    dtype = np.dtype(np.float16) if half == "float16" else np.dtype(
+        pytest.importorskip("ml_dtypes").bfloat16)
+    spec = dc.ConvSpec(4, 8, 3, groups=2)
+    rng = np.random.default_rng(0)
+    if importer == "torch":
+        W = rng.standard_normal(spec.W_shape).astype(dtype)
+        D = rng.standard_normal(spec.D_shape).astype(dtype)
+        D_diag = dc.identity_d(spec.in_channels, spec.mn, spec.D_mul)
+        result = dc.import_legacy_torch(spec, W=W, D=D, bias=np.zeros(8, dtype))
+        expected = original_torch_kernel(D.astype(np.float32), W.astype(np.float32), D_diag,
+                                         spec)
+        assert result.method == "embedded composed kernel"
+    else:
+        W = rng.standard_normal((spec.D_mul, spec.in_per_group, 8)).astype(dtype)
+        D = rng.standard_normal((spec.mn, spec.D_mul, spec.in_channels)).astype(dtype)
+        result = dc.import_legacy_tf(spec, W=W, D=D, bias=np.zeros(8, dtype))
+        expected = dc.hwio_to_oihw(original_tf_kernel(D.astype(np.float32),
+                                                      W.astype(np.float32), spec))
+    params = result.params
+    assert params.W.dtype == dtype and params.D.dtype == dtype
+    assert params.kernel().dtype == dtype
+    np.testing.assert_allclose(params.kernel().astype(np.float32), expected,
+                               rtol=1e-2, atol=1e-2)

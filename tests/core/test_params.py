@@ -628,3 +628,15 @@ def test_checkpoint_array_takes_bfloat16_and_assignable_params_widens_it():
     assigned = dc.assignable_params(params, head.spec)
     assert assigned.W.dtype == np.float32
     np.testing.assert_array_equal(assigned.W, head.W.astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+def test_npz_refuses_layer_names_with_nul_characters(tmp_path):
+    # zipfile ends a member name at a NUL: the layer's arrays would be written under
+    # another name and the file could not be loaded. safetensors holds any name.
+    layers = {"a\0b": LAYERS["head"]}
+    with pytest.raises(ValueError, match=r"layer names in an .npz file cannot hold NUL "
+                                         r"characters, got 'a\\x00b'"):
+        dc.save_params(tmp_path / "m.npz", layers)
+    assert os.listdir(tmp_path) == []
+    dc.save_params(tmp_path / "m.safetensors", layers)
+    assert list(dc.load_params(tmp_path / "m.safetensors")) == ["a\0b"]

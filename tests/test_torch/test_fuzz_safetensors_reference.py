@@ -86,7 +86,7 @@ def numpy_cannot_hold(entry) -> bool:
     return len(entry["shape"]) > 64 or spans >= 2**63
 
 
-@fuzz_settings(300)
+@fuzz_settings(250)
 @given(case=mutated_safetensors())
 def test_doconv_and_the_reference_agree_on_every_file(folder, case):
     raw, _, mutations = case
