@@ -180,7 +180,73 @@ def core_rows(files: Files) -> Iterator[Row]:
     yield Row("write_safetensors(path, {'x': an object array})", "'x'",
               lambda: core.write_safetensors(files("core-object.safetensors"),
                                              {"x": np.array([None])}))
+    yield from core_hostile_file_rows(files, params, safe, tensors, meta)
     yield Row("layer_filter(3)", "include", lambda: core.layer_filter(3))
+
+
+def core_hostile_file_rows(files: Files, params: Any, safe: Path, tensors: dict, meta: dict
+                           ) -> Iterator[Row]:
+    """Files built to exhaust the stack or the memory, or that only one reader would read."""
+    import io
+    import json
+    import zipfile
+
+    import doconv_core as core
+
+    deep = "[" * 100_000 + "]" * 100_000
+    header = files("core-deep-header.safetensors")
+    text = ('{"x": ' + deep + "}").encode()
+    header.write_bytes(len(text).to_bytes(8, "little") + text)
+    layers = files("core-deep-layers.safetensors")
+    core.write_safetensors(layers, tensors, dict(meta, layers='{"conv": ' + deep + "}"))
+    npz_deep = files("core-deep-meta.npz")
+    core.save_params(npz_deep, {"conv": params})
+    rewrite_npz(npz_deep, lambda a: a.update({"__doconv_meta__": np.array(deep)}))
+
+    def npz_with_W_header(name: str, header: str) -> Path:
+        # One member's .npy header replaced, its data kept: what np.load would trust.
+        path = files(name)
+        core.save_params(path, {"conv": params})
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: archive.read(info) for info in archive.infolist()}
+        data = members["conv/W.npy"]
+        size = int.from_bytes(data[8:10], "little")
+        raw = header.encode("latin1")
+        raw += b" " * (-(11 + len(raw)) % 64) + b"\n"
+        members["conv/W.npy"] = data[:8] + len(raw).to_bytes(2, "little") + raw + data[10 + size:]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for member, content in members.items():
+                archive.writestr(member, content)
+        path.write_bytes(buffer.getvalue())
+        return path
+
+    huge = npz_with_W_header("core-huge.npz", "{'descr': '<f4', 'fortran_order': False, "
+                                              "'shape': (1000000, 1000000), }")
+    unary = npz_with_W_header("core-unary.npz", "{'descr': '<f4', 'fortran_order': False, "
+                                                "'shape': " + "- " * 5000 + "1, }")
+    f8 = files("core-f8.safetensors")
+    raw = safe.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    entries = json.loads(raw[8:8 + size])
+    begin, end = entries["conv.bias"]["data_offsets"]
+    entries["conv.bias"].update(dtype="F8_E4M3", shape=[end - begin])
+    text = json.dumps(entries).encode()
+    f8.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+    yield Row("load_params(a .safetensors file whose header is nested 100,000 deep)",
+              "nested 100001 levels deep", lambda: core.load_params(header))
+    yield Row("load_params(a .safetensors file whose 'layers' are nested 100,000 deep)",
+              "'layers'", lambda: core.load_params(layers))
+    yield Row("load_params(an .npz file whose metadata is nested 100,000 deep)",
+              "nested 100000 levels deep", lambda: core.load_params(npz_deep))
+    yield Row("load_params(an .npz file whose W claims 10**12 elements)", "conv/W.npy",
+              lambda: core.load_params(huge))
+    yield Row("load_params(an .npz file whose W's .npy header nests 5,000 operators)",
+              "conv/W.npy", lambda: core.load_params(unary))
+    yield Row("load_params(a .safetensors file whose bias is float8)", "conv.bias",
+              lambda: core.load_params(f8))
+    yield Row("save_params('<tmp>/x.npz', {'a\\x00b': params})", "NUL",
+              lambda: core.save_params(files("core-nul.npz"), {"a\0b": params}))
 
 
 # -- PyTorch --------------------------------------------------------------------------------
