@@ -369,11 +369,15 @@ class DOConvND(nn.HybridBlock):
         if not self._initialize_called():
             raise ValueError("set_params needs initialize() to have been called on the layer")
         self._complete(params.spec.in_channels)
-        for param, array in ((self.W, params.W), (self.D, params.D), (self.bias, params.bias)):
-            if param is not None:
-                param.set_data(mx.nd.array(array, dtype=param.dtype))
-                if param._data is None:
-                    param._finish_deferred_init()
+        # Paused: inside autograd.record() MXNet refuses writes to arrays marked for autograd
+        # (not to frozen ones), which would fail an import halfway.
+        with autograd.pause():
+            for param, array in ((self.W, params.W), (self.D, params.D),
+                                 (self.bias, params.bias)):
+                if param is not None:
+                    param.set_data(mx.nd.array(array, dtype=param.dtype))
+                    if param._data is None:
+                        param._finish_deferred_init()
         self._cache = {}
 
     @classmethod

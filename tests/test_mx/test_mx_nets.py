@@ -327,3 +327,41 @@ def test_convert_picks_ranks_by_include_and_checks_every_rank():
     bare.initialize()
     layer = doconv_mx.convert(bare)
     assert type(layer) is doconv_mx.DOConv1D and type(doconv_mx.fuse(layer)) is nn.Conv1D
+
+
+@pytest.mark.parametrize("kvstore", ["device", "local", None])
+def test_convert_and_fuse_a_net_with_a_trainer_attached(kvstore):
+    # A net trained by a Trainer (momentum state, a kvstore on 2 contexts): convert and fuse
+    # copy it without the Trainer, which keeps holding, and training, the old Parameters.
+    contexts = [mx.cpu(0), mx.cpu(1)] if kvstore == "device" else [mx.cpu()]
+    net = Custom()
+    net.initialize(mx.init.Xavier(), ctx=contexts)
+    net.hybridize()
+    x = mx.nd.random.normal(shape=(2, 3, 8, 8))
+
+    def step(block, trainer):
+        with autograd.record():
+            losses = [block(x.as_in_context(ctx)).sum() for ctx in contexts]
+        autograd.backward(losses)
+        trainer.step(2)
+
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01,
+                                                          "momentum": 0.9}, kvstore=kvstore)
+    step(net, trainer)
+    converted = doconv_mx.convert(net)
+    assert all(p._trainer is None for p in converted.collect_params().values())
+    np.testing.assert_allclose(converted(x).asnumpy(), net(x).asnumpy(), rtol=1e-5, atol=1e-5)
+    own = converted(x).asnumpy()
+    step(net, trainer)  # the old Trainer trains the old net only
+    np.testing.assert_array_equal(converted(x).asnumpy(), own)
+    own_trainer = gluon.Trainer(converted.collect_params(), "sgd", {"learning_rate": 0.01},
+                                kvstore=kvstore)
+    step(converted, own_trainer)  # the copy trains with a Trainer of its own
+    assert not np.array_equal(converted(x).asnumpy(), own)
+    fused = doconv_mx.fuse(converted)
+    assert all(p._trainer is None for p in fused.collect_params().values())
+    np.testing.assert_allclose(fused(x).asnumpy(), converted(x).asnumpy(), rtol=1e-5,
+                               atol=1e-5)
+    step(converted, own_trainer)  # and so does the net fused
+    step(fused, gluon.Trainer(fused.collect_params(), "sgd", {"learning_rate": 0.01},
+                              kvstore=kvstore))
