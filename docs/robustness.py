@@ -439,6 +439,9 @@ def keras_rows(files: Files) -> Iterator[Row]:
     unbuilt = DOConv2D(8, 3, name="unbuilt")
     model, dense = net(), plain()
     unbuilt_model = keras.Sequential([DOConv2D(4, 3, name="conv1")])
+    partly_built = keras.Sequential([DOConv2D(4, 3, padding="same", name="conv1"),
+                                     DOConv2D(2, 3, use_bias=False, name="conv2")])
+    partly_built.layers[0].build((None, 8, 8, 3))  # conv2 is not built: nothing may change
     spec = ConvSpec(4, 8, 5)
     other_params = DOConvParams(spec, np.zeros(spec.W_shape, np.float32),
                                 np.zeros(spec.D_shape, np.float32), np.zeros(8, np.float32))
@@ -492,6 +495,10 @@ def keras_rows(files: Files) -> Iterator[Row]:
               lambda: doconv_tf.import_params(model, int_W), state(model))
     yield Row("import_params(an unbuilt model, path)", "built",
               lambda: doconv_tf.import_params(unbuilt_model, good), state(unbuilt_model))
+    yield Row("import_params(a model whose conv2 is not built, path)", "['conv2']",
+              lambda: doconv_tf.import_params(partly_built, good), state(*partly_built.layers))
+    yield Row("load_legacy(a model whose conv2 is not built, weights)", "['conv2']",
+              lambda: doconv_tf.load_legacy(partly_built, legacy), state(*partly_built.layers))
     yield Row("load_legacy(model, weights with conv2.W of shape (9, 4, 3))", "W",
               lambda: doconv_tf.load_legacy(model, dict(legacy, **{"conv2.W": np.zeros((9, 4, 3))})),
               state(model))
@@ -560,6 +567,9 @@ def gluon_rows(files: Files) -> Iterator[Row]:
     layer_3d.initialize()
     fresh = DOConv2D(8, 3, in_channels=4)
     model, uninitialized = net(), net(initialize=False)
+    partly_initialized = net(initialize=False)
+    for child in (partly_initialized[0], partly_initialized[1]):  # the second DOConv2D is not
+        child.initialize()
     plain = nn.HybridSequential()
     plain.add(nn.Dense(2, in_units=4))
     plain.initialize()
@@ -616,6 +626,12 @@ def gluon_rows(files: Files) -> Iterator[Row]:
               lambda: doconv_mx.import_params(model, int_W), state(model))
     yield Row("import_params(an uninitialized net, path)", "initialize",
               lambda: doconv_mx.import_params(uninitialized, good), state(uninitialized))
+    yield Row("import_params(a net whose second DOConv2D is not initialized, path)", "['2']",
+              lambda: doconv_mx.import_params(partly_initialized, good),
+              state(partly_initialized))
+    yield Row("load_legacy(a net whose second DOConv2D is not initialized, weights)", "['2']",
+              lambda: doconv_mx.load_legacy(partly_initialized, legacy),
+              state(partly_initialized))
     yield Row("load_legacy(net, weights with 2.weight of shape (2, 4, 5, 5))", "weight",
               lambda: doconv_mx.load_legacy(
                   model, dict(legacy, **{"2.weight": np.zeros((2, 4, 5, 5))})), state(model))
