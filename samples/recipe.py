@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
 
@@ -370,6 +370,38 @@ def import_callable(name: str, brief: Callable[[BaseException], str] = brief_err
     if not callable(target):
         raise RecipeError(f"--model {name}: {attribute} is not callable")
     return target
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """An optional package a run's flags need: ``needed_by`` names the flag as the user
+    wrote it, ``module`` is what the recipe imports, ``package`` what pip installs and
+    ``extra`` doconv's extra (pyproject.toml) that installs it."""
+
+    needed_by: str
+    module: str
+    package: str
+    extra: str
+
+
+# What the PyTorch and Gluon recipes decode image folders with (Keras': tf.io).
+PILLOW = Requirement("--data (an image folder)", "PIL", "Pillow", "samples")
+
+
+def check_requirements(requirements: Iterable[Requirement]) -> None:
+    """RecipeError naming the first requirement that does not import, the flag that needs
+    it and the extra that installs it: found before anything is trained, not when the
+    flag's work begins."""
+    for need in requirements:
+        try:
+            importlib.import_module(need.module)
+        except Exception as error:  # noqa: BLE001 - a broken install fails in any way
+            missing = (isinstance(error, ModuleNotFoundError) and error.name is not None
+                       and f"{need.module}.".startswith(f"{error.name}."))
+            state = ("is not installed" if missing else
+                     f"does not import ({brief_error(error)})")
+            raise RecipeError(f"{need.needed_by} needs {need.package}, which {state}: "
+                              f"pip install \"doconv[{need.extra}]\"") from None
 
 
 def random_resized_crop_box(width: int, height: int, rng: Any,

@@ -46,7 +46,6 @@ os.environ.setdefault("MXNET_ENFORCE_DETERMINISM", "1")
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import doconv_mx  # noqa: E402
 from samples import recipe  # noqa: E402
@@ -228,6 +227,8 @@ class FolderImages(gluon.data.vision.ImageFolderDataset):
         self.synsets, self.items = self._classes, self._given
 
     def __getitem__(self, index: int) -> tuple[mx.nd.NDArray, int]:
+        from PIL import Image  # only image folders need Pillow (``requirements``)
+
         path, label = self.items[index]
         try:  # Pillow, not OpenCV's imread, which fills a truncated JPEG with gray silently
             with Image.open(path) as opened:
@@ -297,6 +298,8 @@ def _evenly(count: int, limit: int | None) -> np.ndarray:
 
 def check_images(items: Sequence[tuple[Path, int]]) -> None:
     """RecipeError naming the first file Pillow cannot identify or verify."""
+    from PIL import Image
+
     for path, _ in items:
         try:
             with Image.open(path) as image:
@@ -615,8 +618,6 @@ def export_fused(run: Run) -> tuple[np.ndarray | None, dict[str, str]]:
 
 
 def metrics(run: Run, epochs_done: list[dict[str, Any]], **final: Any) -> dict[str, Any]:
-    import gluoncv
-
     settings = {**recipe.resume_settings(run.args), "epochs": run.args.epochs,
                 "workers": run.args.workers, "devices": len(run.ctx)}
     return recipe.metrics_record(framework="gluon", world_size=len(run.ctx),
@@ -625,8 +626,18 @@ def metrics(run: Run, epochs_done: list[dict[str, Any]], **final: Any) -> dict[s
                                  device=run.ctx[0].device_type,
                                  threads=_omp_threads(),
                                  mxnet_version=mx.__version__,
-                                 gluoncv_version=gluoncv.__version__,
+                                 gluoncv_version=_gluoncv_version(),
                                  data=run.data.description, **final)
+
+
+def _gluoncv_version() -> str | None:
+    """GluonCV's version where it is installed (``--model package.module:callable`` trains
+    without it)."""
+    try:
+        import gluoncv
+    except ImportError:
+        return None
+    return gluoncv.__version__
 
 
 def _omp_threads() -> int | None:
@@ -708,11 +719,23 @@ def fail(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
     sys.exit(status)
 
 
+def requirements(args: argparse.Namespace) -> list[recipe.Requirement]:
+    """The optional packages this run's flags need (pyproject.toml's extras)."""
+    needs = []
+    if ":" not in args.model:
+        needs.append(recipe.Requirement("--model (a gluoncv.model_zoo name)", "gluoncv",
+                                        "gluoncv", "mx"))
+    if args.data not in DATASET_NAMES:
+        needs.append(recipe.PILLOW)
+    return needs
+
+
 def prepare(args: argparse.Namespace) -> tuple[list[mx.Context], Data, Callable[[int], Any],
                                                 gluon.HybridBlock, dict[str, Any] | None]:
     """Every check of the command line and the inputs, before anything is written: flags,
     devices, model name, data, checkpoint, then the model built and the checkpoint loaded."""
     check_gluon_args(args)
+    recipe.check_requirements(requirements(args))
     ctx = contexts(args.devices)
     builder = resolve_model(args.model)
     data = load_data(args)

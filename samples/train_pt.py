@@ -37,7 +37,6 @@ sys.path.insert(1, os.getcwd())  # --model package.module:callable from where it
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, DistributedSampler  # noqa: E402
 
@@ -218,6 +217,8 @@ class FolderImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image  # only image folders need Pillow (``requirements``)
+
         path, label = self.items[index]
         try:
             with Image.open(path) as opened:
@@ -276,6 +277,8 @@ def _evenly(count: int, limit: int | None) -> np.ndarray:
 def check_images(items: Sequence[tuple[Path, int]]) -> None:
     """RecipeError naming the first file Pillow cannot identify or verify (headers and
     checksums; a decode error found later while training also ends the run in one line)."""
+    from PIL import Image
+
     for path, _ in items:
         try:
             with Image.open(path) as image:
@@ -499,11 +502,23 @@ def fail(message: str, status: int = EXIT_USER_ERROR) -> NoReturn:
     sys.exit(status)
 
 
+def requirements(args: argparse.Namespace) -> list[recipe.Requirement]:
+    """The optional packages this run's flags need (pyproject.toml's extras)."""
+    needs = []
+    if args.data not in DATASET_NAMES:
+        needs.append(recipe.PILLOW)
+    if args.onnx:  # torch.onnx's exporter
+        needs += [recipe.Requirement("--onnx", name, name, "onnx")
+                  for name in ("onnx", "onnxscript")]
+    return needs
+
+
 def prepare(args: argparse.Namespace, processes: Processes
             ) -> tuple[Data, Callable[..., Any], nn.Module, dict[str, Any] | None]:
     """Every check of the command line and the inputs, before anything is written or any
     process group exists (so every rank fails alike, on its own): data, model, checkpoint."""
     recipe.check_args(args)
+    recipe.check_requirements(requirements(args))
     if args.sync_bn and processes.device.type != "cuda":
         raise RecipeError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
     builder = resolve_model(args.model)

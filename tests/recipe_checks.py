@@ -324,3 +324,12 @@ def recipe_help(script: str, env: Mapping[str, str], cwd: Path) -> str:
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr[-3000:]
     return result.stdout
 
+
+def without_modules(script: str, modules: Sequence[str], arguments: Sequence[str]) -> list[str]:
+    """The command line running ``script`` (as ``__main__``) with ``modules`` unimportable,
+    as if their packages were not installed: None in sys.modules makes ``import`` fail."""
+    code = ("import runpy, sys; "
+            f"sys.modules.update(dict.fromkeys({list(modules)!r})); "
+            f"sys.argv = [{script!r}, *sys.argv[1:]]; "
+            f"runpy.run_path({script!r}, run_name='__main__')")
+    return [sys.executable, "-c", code, *arguments]

@@ -442,3 +442,20 @@ def test_recipe_parser_takes_each_recipes_own_help_for_every_flag_whose_meaning_
     for partial in ({k: v for k, v in HELP.items() if k != "sync_bn"}, {**HELP, "lr": "x"}):
         with pytest.raises(ValueError, match="recipe_help: expected help for exactly"):
             recipe.recipe_parser("train_x.py", "test", partial)
+
+
+def test_check_requirements_names_the_flag_the_package_and_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "doconv_test_broken.py").write_text("raise RuntimeError('half installed')\n")
+    (tmp_path / "doconv_test_needs.py").write_text("import doconv_test_absent_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe.check_requirements([recipe.Requirement("--x", "json", "json", "x")])  # imports
+    for module, state in (
+            ("doconv_test_absent", "which is not installed"),
+            ("doconv_test_absent.sub", "which is not installed"),
+            ("doconv_test_broken", "which does not import (RuntimeError: half installed)"),
+            ("doconv_test_needs", "which does not import (ModuleNotFoundError: No module "
+                                  "named 'doconv_test_absent_dependency')")):
+        with pytest.raises(RecipeError) as caught:
+            recipe.check_requirements([recipe.Requirement("--x", "json", "json", "x"),
+                                       recipe.Requirement("--flag", module, "Pkg", "extra")])
+        assert str(caught.value) == f'--flag needs Pkg, {state}: pip install "doconv[extra]"'

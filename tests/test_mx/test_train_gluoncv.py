@@ -355,6 +355,29 @@ def test_unreadable_image_found_while_training_is_one_line(tmp_path):
                                                tmp_path / "out" / "checkpoint.json")
 
 
+@pytest.mark.parametrize("module, model, message", [
+    ("gluoncv", "cifar_resnet20_v1", '--model (a gluoncv.model_zoo name) needs gluoncv, which '
+                                     'is not installed: pip install "doconv[mx]"'),
+    ("PIL", TINY, '--data (an image folder) needs Pillow, which is not installed: '
+                  'pip install "doconv[samples]"')])
+def test_a_missing_optional_package_is_one_line_before_training(tmp_path, folder, module,
+                                                                model, message):
+    output = tmp_path / "out"
+    result = run(recipe_checks.without_modules(SCRIPT, [module], [
+        "--data", str(folder), "--epochs", "1", "--output", str(output), *RECIPE,
+        "--model", model]))
+    recipe_checks.assert_refused("train_gluoncv.py", module, (result.returncode, result.stdout,
+                                                              result.stderr, output, message), {})
+
+
+def test_a_model_of_its_own_on_idx_data_trains_without_gluoncv_and_pillow(tmp_path):
+    result = run(recipe_checks.without_modules(SCRIPT, ["gluoncv", "PIL"], [
+        "--model", TINY, "--data", "mnist", "--limit", "16", "--epochs", "1", "--batch-size",
+        "8", "--workers", "0", "--quiet", "--output", str(tmp_path)]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert recipe.read_metrics(tmp_path)["gluoncv_version"] is None
+
+
 # ---------------------------------------------------------- model zoo, IDX data
 
 

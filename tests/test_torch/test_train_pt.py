@@ -269,6 +269,20 @@ def test_unreadable_image_found_while_training_is_one_line(tmp_path):
                                                tmp_path / "out" / "checkpoint.pt")
 
 
+@pytest.mark.parametrize("module, flags, message", [
+    ("onnxscript", ["--onnx"],
+     '--onnx needs onnxscript, which is not installed: pip install "doconv[onnx]"'),
+    ("PIL", [], '--data (an image folder) needs Pillow, which is not installed: '
+                'pip install "doconv[samples]"')])
+def test_a_missing_optional_package_is_one_line_before_training(tmp_path, folder, module, flags,
+                                                                message):
+    output = tmp_path / "out"
+    result = run(recipe_checks.without_modules(SCRIPT, [module], [
+        "--data", str(folder), "--epochs", "1", "--output", str(output), *RECIPE, *flags]))
+    recipe_checks.assert_refused("train_pt.py", module, (result.returncode, result.stdout,
+                                                         result.stderr, output, message), {})
+
+
 # ------------------------------------------------------------------ IDX data, models
 
 
@@ -282,6 +296,14 @@ def test_idx_data_reaches_the_model_with_three_channels(tmp_path):
     assert len(metrics["epochs"]) == 1 and 0 <= metrics["val_accuracy"] <= 100
     plain = train_models.tiny(num_classes=10)
     plain.load_state_dict(load(tmp_path / "fused.pt"), strict=True)
+
+
+def test_idx_data_trains_without_pillow(tmp_path):
+    result = run(recipe_checks.without_modules(SCRIPT, ["PIL"], [
+        "--model", TINY, "--data", "mnist", "--limit", "16", "--epochs", "1", "--batch-size",
+        "8", "--workers", "0", "--quiet", "--output", str(tmp_path)]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "fused.pt").is_file()
 
 
 @pytest.mark.parametrize("name, parameters", [
