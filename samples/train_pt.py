@@ -130,7 +130,8 @@ def _data_worker_init(worker_id: int) -> None:
     # ignored from here on, one that arrived while it started is discarded.
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @contextlib.contextmanager
@@ -138,6 +139,9 @@ def _stop_signals_blocked():
     """The stop signals held back in this thread: a worker process started meanwhile
     inherits the mask, so a group signal cannot kill it in the seconds a spawned
     interpreter takes to reach ``_data_worker_init``; this process gets any on leaving."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no group signals to hold back
+        yield
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
