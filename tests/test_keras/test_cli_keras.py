@@ -104,3 +104,41 @@ def test_archives_with_code_stay_refused(tmp_path):
     assert result.returncode == 1 and "truncated or corrupt zip" in result.stderr
     result = run("fuse", path, tmp_path / "plain.pt")
     assert result.returncode == 2 and "it fuses to .keras" in result.stderr
+
+
+# -- issue 28 ---------------------------------------------------------------------------------
+def small_model(dtype: str = "float32") -> keras.Model:
+    image = keras.Input((6, 6, 2))
+    out = DOConv2D(16, 3, D_mul=10, dtype=dtype, name="conv")(image)
+    return keras.Model(image, keras.layers.GlobalAveragePooling2D()(out))
+
+
+def test_a_full_disk_is_one_line_naming_out(tmp_path):
+    from tests.cli_checks import assert_one_line_error, leftovers
+    path = tmp_path / "model.keras"
+    small_model().save(path)
+    result = run("fuse", path, tmp_path / "plain.keras", file_size_limit=4096)
+    assert_one_line_error(result.returncode, result.stdout, result.stderr,
+                          r"cannot write '.*plain\.keras': .*(nothing was written)")
+    assert leftovers(tmp_path, [path]) == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_archives_fuse_in_their_dtype(tmp_path, dtype):
+    from tests.cli_checks import run_in_process
+    import doconv_core as dc
+    model = small_model(dtype)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    out = tmp_path / "plain.keras"
+    status, _, stderr = run_in_process("fuse", path, out)
+    assert status == 0, stderr
+    fused = keras.saving.load_model(out)
+    kernel = fused.get_layer("conv").kernel
+    assert kernel.dtype == dtype
+    params = model.get_layer("conv").to_params()
+    expected = dc.oihw_to_hwio(dc.compose_kernel(params.D.astype(np.float32),
+                                                 params.W.astype(np.float32), groups=1,
+                                                 kernel_size=(3, 3)))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(kernel).astype(np.float32),
+                               expected, rtol=2e-2, atol=2e-2)
