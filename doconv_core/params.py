@@ -306,7 +306,8 @@ def _load_npz(path: Union[str, os.PathLike], where: str) -> dict[str, DOConvPara
     meta = parse_json(str(text), where, "has corrupt metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{where} is not a {FORMAT_NAME} file")
-    if meta.get("version") not in READABLE_VERSIONS or isinstance(meta.get("version"), bool):
+    version = meta.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:  # not True, not 2.0
         raise CheckpointError(
             f"{where} has format version {meta.get('version')!r}; this doconv reads versions "
             f"{', '.join(str(v) for v in READABLE_VERSIONS)}"

@@ -372,15 +372,15 @@ def npz_byte_mutations(draw, raw: bytes) -> tuple[bytes, str]:
     """``raw`` (a zip archive) truncated, extended or with a byte flipped, often in the zip
     structures (local and central headers, the end record)."""
     kind = draw(st.sampled_from(["truncate", "trailing", "flip", "flip structure"]))
+    marks = [i for sig in (b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06")
+             for i in range(len(raw)) if raw.startswith(sig, i)]
+    if kind == "trailing" or not raw:  # an earlier truncation may have left nothing
+        return raw + draw(st.binary(min_size=1, max_size=16)), "trailing"
     if kind == "truncate":
         return raw[:draw(st.integers(0, len(raw) - 1))], kind
-    if kind == "trailing":
-        return raw + draw(st.binary(min_size=1, max_size=16)), kind
-    if kind == "flip":
+    if kind == "flip" or not marks:
         at = draw(st.integers(0, len(raw) - 1))
     else:
-        marks = [i for sig in (b"PK\x03\x04", b"PK\x01\x02", b"PK\x05\x06")
-                 for i in range(len(raw)) if raw.startswith(sig, i)]
         at = min(draw(st.sampled_from(marks)) + draw(st.integers(4, 45)), len(raw) - 1)
     return raw[:at] + bytes([raw[at] ^ draw(st.integers(1, 255))]) + raw[at + 1:], kind
 
