@@ -14,6 +14,7 @@ from torch.nn import init
 
 import doconv_core
 from doconv_core import ConvSpec, DOConvParams
+from doconv_core.spec import EXTRA_STATE_VERSION, extra_state_record, read_extra_state
 
 from . import _assign, _ckernel, _ops
 
@@ -42,7 +43,9 @@ def _is_fx_tracing() -> bool:
 # The state dict key of each layer's extra state (torch.nn.Module's own suffix), and the
 # version of its encoding: [version, rank, groups, *kernel_size], int64.
 _EXTRA_STATE_KEY = "_extra_state"
-_EXTRA_STATE_VERSION = 1
+# The record's layout and its checks are the core's (doconv_core.spec), which the doconv
+# command reads too.
+_EXTRA_STATE_VERSION = EXTRA_STATE_VERSION
 
 # Each rank's native conv: what ``fuse`` returns and ``from_conv`` takes.
 _NATIVE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -382,7 +385,7 @@ class _DOConvNd(nn.Module):
         tensor ``[version, rank, groups, *kernel_size]``: the state dict stays tensors-only
         (``safetensors.torch.save_file`` takes it), and ``doconv fuse`` reads a checkpoint
         without the model's code."""
-        return torch.tensor([_EXTRA_STATE_VERSION, self._rank, self.groups, *self.kernel_size],
+        return torch.tensor(extra_state_record(self._rank, self.groups, self.kernel_size),
                             dtype=torch.int64)
 
     @torch.jit.unused
@@ -402,10 +405,14 @@ class _DOConvNd(nn.Module):
                 f"the extra state must be an int64 tensor [version, rank, groups, "
                 f"*kernel_size], got {type(state).__name__}")
         values = state.detach().cpu().reshape(-1).tolist()
-        if state.dtype != torch.int64 or len(values) < 3 or values[0] != _EXTRA_STATE_VERSION:
+        try:
+            if state.dtype != torch.int64 or state.dim() != 1:
+                raise ValueError(state.dtype)
+            rank, groups, kernel_size = read_extra_state(values)
+        except ValueError:
             return (f"the extra state must be an int64 tensor [{_EXTRA_STATE_VERSION}, rank, "
                     f"groups, *kernel_size], got {state.dtype} {values[:8]}")
-        saved = {"rank": values[1], "groups": values[2], "kernel_size": tuple(values[3:])}
+        saved = {"rank": rank, "groups": groups, "kernel_size": kernel_size}
         own = {"rank": self._rank, "groups": self.groups, "kernel_size": self.kernel_size}
         differs = [f"{key} {saved[key]} (this layer's is {own[key]})" for key in own
                    if saved[key] != own[key]]
