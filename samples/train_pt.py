@@ -142,11 +142,11 @@ def _stop_signals_blocked():
     if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no group signals to hold back
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
