@@ -39,7 +39,8 @@ import numpy as np
 from .params import CheckpointError
 
 __all__ = ["read_safetensors", "read_safetensors_header", "write_safetensors",
-           "is_safetensors", "parse_json", "MAX_HEADER_SIZE", "MAX_JSON_DEPTH", "DTYPES"]
+           "is_safetensors", "parse_json", "json_depth", "check_numpy_shape",
+           "MAX_HEADER_SIZE", "MAX_JSON_DEPTH", "DTYPES"]
 
 PathLike = Union[str, os.PathLike]
 
