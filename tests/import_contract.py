@@ -52,7 +52,10 @@ class Adapter:
 
 def legacy_shapes(layout: str, spec: ConvSpec) -> dict[str, tuple[int, ...]]:
     """The shapes of the arrays the original layer of ``layout`` saved for ``spec``."""
-    if layout == "tf-legacy":
+    if layout == "torch-legacy":  # the canonical layout
+        shapes = {"W": spec.W_shape}
+        D = spec.D_shape
+    elif layout == "tf-legacy":
         shapes = {"W": (spec.D_mul, spec.in_per_group, spec.out_channels)}
         D = (spec.mn, spec.D_mul, spec.in_channels)
     elif layout == "gluon-legacy":
