@@ -348,6 +348,7 @@ def test_a_full_disk_is_one_line_naming_out(trained, tmp_path, target):
 def test_16_bit_state_dicts_fuse_the_same_in_every_format(trained, tmp_path, dtype):
     """A bf16 safetensors state dict was refused while the same .pt fused: both compose in
     float32 and store the input's dtype, bit for bit alike."""
+    from tests.cli_checks import run_in_process
     model, _ = trained
     state = {k: v.to(dtype) if v.is_floating_point() else v
              for k, v in model.state_dict().items()}
@@ -357,8 +358,8 @@ def test_16_bit_state_dicts_fuse_the_same_in_every_format(trained, tmp_path, dty
     for source in ("model.pt", "model.safetensors"):
         for target in ("plain.pt", "plain.safetensors"):
             out = tmp_path / f"{source}-{target}"
-            result = run("fuse", tmp_path / source, out)
-            assert result.returncode == 0, result.stderr
+            status, _, stderr = run_in_process("fuse", tmp_path / source, out)
+            assert status == 0, stderr
             fused[source, target] = (load_file(out) if target.endswith(".safetensors")
                                      else torch.load(out, weights_only=True))
     reference = fused["model.pt", "plain.pt"]
