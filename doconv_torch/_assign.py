@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import init
 from torch.nn.utils import parametrize
 
 import doconv_core
@@ -22,14 +25,17 @@ from doconv_core import DOConvParams
 if TYPE_CHECKING:
     from .layer import _DOConvNd
 
-__all__ = ["assignment_problem", "held_tensor", "parametrized", "staged", "staged_tensors"]
+__all__ = ["assignment_problem", "held_tensor", "parametrized", "reset_through_parametrizations",
+           "staged", "staged_tensors", "state_entries"]
 
 Assignment = Callable[[], None]
 
 
-def parametrized(layer: _DOConvNd) -> bool:
-    """Whether a parameter of the layer is parametrized (torch.nn.utils.parametrize)."""
-    return any(parametrize.is_parametrized(layer, name) for name, _ in _parts(layer))
+def parametrized(layer: _DOConvNd, name: Optional[str] = None) -> bool:
+    """Whether parameter ``name`` (None: any parameter) of the layer is parametrized
+    (torch.nn.utils.parametrize)."""
+    names = [part for part, _ in _parts(layer)] if name is None else [name]
+    return any(parametrize.is_parametrized(layer, part) for part in names)
 
 
 def _parts(layer: _DOConvNd) -> list[tuple[str, tuple[int, ...]]]:
@@ -118,21 +124,7 @@ def staged_tensors(layer: _DOConvNd, values: dict[str, Tensor],
     with torch.no_grad():
         for name, _ in _parts(layer):
             chain, targets = _targets(layer, name)
-            value = values[name].to(device=targets[0].device, dtype=targets[0].dtype)
-            if chain is None:
-                copies.append((targets[0], value))
-                continue
-            for module in reversed(chain):  # what assigning layer.<name> = value runs
-                value = module.right_inverse(value)
-            held = [value] if len(targets) == 1 and isinstance(value, Tensor) else value
-            if not isinstance(held, (list, tuple)) or len(held) != len(targets) or any(
-                    not isinstance(v, Tensor) or v.shape != t.shape or v.dtype != t.dtype
-                    for v, t in zip(held, targets)):
-                raise ValueError(
-                    f"{refused}the right_inverse of {name}'s parametrization must return "
-                    f"tensors of shapes {[tuple(t.shape) for t in targets]} and dtypes "
-                    f"{[t.dtype for t in targets]}, got {_describe(held)}")
-            copies.extend(zip(targets, held))
+            copies.extend(zip(targets, _inverted(name, chain, targets, values[name], refused)))
 
     def assign() -> None:
         with torch.no_grad():
@@ -140,3 +132,63 @@ def staged_tensors(layer: _DOConvNd, values: dict[str, Tensor],
                 target.copy_(value)
 
     return assign
+
+
+def _inverted(name: str, chain: Optional[Any], targets: list[Tensor], value: Tensor,
+              refused: str = "") -> list[Tensor]:
+    """The values ``targets`` take for ``name`` to hold ``value``: cast to their dtype and
+    device, through the chain's right_inverse (in reverse, as assigning the parameter runs
+    them) where it is parametrized."""
+    value = value.to(device=targets[0].device, dtype=targets[0].dtype)
+    if chain is None:
+        return [value]
+    for module in reversed(chain):
+        value = module.right_inverse(value)
+    held = [value] if len(targets) == 1 and isinstance(value, Tensor) else value
+    if not isinstance(held, (list, tuple)) or len(held) != len(targets) or any(
+            not isinstance(v, Tensor) or v.shape != t.shape or v.dtype != t.dtype
+            for v, t in zip(held, targets)):
+        raise ValueError(
+            f"{refused}the right_inverse of {name}'s parametrization must return tensors of "
+            f"shapes {[tuple(t.shape) for t in targets]} and dtypes "
+            f"{[t.dtype for t in targets]}, got {_describe(held)}")
+    return list(held)
+
+
+def state_entries(layer: _DOConvNd, name: str, value: Tensor) -> dict[str, Tensor]:
+    """The layer's own state-dict entries (keys without its prefix) that give parameter
+    ``name`` the value ``value``: ``name`` itself, or a parametrization's originals
+    (through its right_inverse). A ValueError where the parametrization cannot take it."""
+    chain, targets = _targets(layer, name)
+    if chain is None:
+        return {name: value}
+    lacking = [type(module).__name__ for module in chain if not hasattr(module, "right_inverse")]
+    if lacking:
+        raise ValueError(f"{name} is parametrized by {', '.join(lacking)}, which has no "
+                         f"right_inverse, so values cannot be assigned through it")
+    suffixes = ["original"] if hasattr(chain, "original") else [
+        f"original{i}" for i in range(len(targets))]
+    with torch.no_grad():
+        held = _inverted(name, chain, targets, value)
+    return {f"parametrizations.{name}.{suffix}": tensor
+            for suffix, tensor in zip(suffixes, held)}
+
+
+def reset_through_parametrizations(layer: _DOConvNd, bound: float) -> None:
+    """``reset_parameters`` of a parametrized layer: in-place draws would land in the
+    parametrizations' outputs, so the same numbers are drawn into fresh tensors (each where
+    its parameter's values are held) and assigned through the right_inverse."""
+    spec = layer.spec
+
+    def empty(name: str, shape: tuple[int, ...]) -> Tensor:
+        held = held_tensor(layer, name)
+        return torch.empty(shape, dtype=held.dtype, device=held.device)
+
+    values = {"W": init.uniform_(empty("W", spec.W_shape), -bound, bound)}
+    if spec.has_D:
+        values["D"] = empty("D", spec.D_shape).zero_()
+    if spec.bias:
+        bias_bound = 1 / math.sqrt(spec.fan_in)
+        values["bias"] = init.uniform_(empty("bias", (spec.out_channels,)), -bias_bound,
+                                       bias_bound)
+    staged_tensors(layer, values, "reset_parameters")()

@@ -169,10 +169,8 @@ class _DOConvNd(nn.Module):
         # kaiming_uniform_(a=sqrt(5))'s own arithmetic, so D_mul = MN draws the native weight.
         std = init.calculate_gain("leaky_relu", math.sqrt(5)) / math.sqrt(fan_in)
         bound = math.sqrt(3.0) * std
-        if _assign.parametrized(self):
-            # In-place draws would land in the parametrizations' outputs: draw the same
-            # numbers into fresh tensors, assigned through the right_inverse.
-            self._reset_through_parametrizations(bound)
+        if _assign.parametrized(self):  # in-place draws would miss the parametrized values
+            _assign.reset_through_parametrizations(self, bound)
             return
         with torch.no_grad():
             init.uniform_(self.W, -bound, bound)
@@ -181,23 +179,6 @@ class _DOConvNd(nn.Module):
             if self.bias is not None:
                 bias_bound = 1 / math.sqrt(fan_in)
                 init.uniform_(self.bias, -bias_bound, bias_bound)
-
-    @torch.jit.unused
-    def _reset_through_parametrizations(self, bound: float) -> None:
-        spec = self._spec
-
-        def empty(name: str, shape: Tuple[int, ...]) -> Tensor:  # where the draw would be
-            held = _assign.held_tensor(self, name)
-            return torch.empty(shape, dtype=held.dtype, device=held.device)
-
-        values = {"W": init.uniform_(empty("W", spec.W_shape), -bound, bound)}
-        if spec.has_D:
-            values["D"] = empty("D", spec.D_shape).zero_()
-        if spec.bias:
-            bias_bound = 1 / math.sqrt(spec.fan_in)
-            values["bias"] = init.uniform_(empty("bias", (spec.out_channels,)), -bias_bound,
-                                           bias_bound)
-        _assign.staged_tensors(self, values, "reset_parameters")()
 
     # -- the composed kernel -----------------------------------------------------------
     def _compose(self) -> Tensor:
@@ -449,9 +430,18 @@ class _DOConvNd(nn.Module):
                 return
             D, W = doconv_core.embed_kernel(_numpy(kernel), groups=self.groups,
                                             D_mul=self.D_mul)
-            state_dict[prefix + "W"] = torch.from_numpy(W)
+            parts = {"W": torch.from_numpy(W)}
             if D is not None:
-                state_dict[prefix + "D"] = torch.from_numpy(D)
+                parts["D"] = torch.from_numpy(D)
+            if prefix + "bias" in state_dict and _assign.parametrized(self, "bias"):
+                parts["bias"] = state_dict.pop(prefix + "bias")
+            try:  # a parametrized part takes its values through its right_inverse
+                entries = {prefix + key: value for name, part in parts.items()
+                           for key, value in _assign.state_entries(self, name, part).items()}
+            except ValueError as error:
+                error_msgs.append(f"cannot embed {key}: {error}")
+                return
+            state_dict.update(entries)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -342,3 +342,21 @@ def test_reset_parameters_of_a_parametrized_layer_draws_what_a_plain_one_draws()
                                          "parametrized by NoInverse"):
         layer.reset_parameters()
     assert_unchanged(before, layer)
+
+
+def test_a_native_conv_state_dict_embeds_through_a_parametrization():
+    conv = nn.Conv2d(3, 4, 3)
+    target = nn.Sequential(DOConv2d(3, 4, 3))
+    parametrize.register_parametrization(target[0], "W", Doubled())
+    parametrize.register_parametrization(target[0], "bias", Doubled())
+    target.load_state_dict(nn.Sequential(conv).state_dict())
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(target(x), conv(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(target[0].bias, conv.bias)
+    refusing = nn.Sequential(DOConv2d(3, 4, 3))
+    parametrize.register_parametrization(refusing[0], "W", NoInverse())
+    before = snapshot(refusing)
+    with pytest.raises(RuntimeError, match=r"cannot embed 0.weight: W is parametrized by "
+                                           r"NoInverse, which has no right_inverse"):
+        refusing.load_state_dict(nn.Sequential(conv).state_dict())
+    assert_unchanged(before, refusing)
