@@ -3,8 +3,10 @@
 Each adapter's import reads its source, names the layers it will fill with the spec each
 has, checks those layers are ready, and calls ``prepare_import``. That checks everything
 (schema, floating dtypes, shapes, layer names, matching specs) and returns the canonical
-parameters of every layer; only then does the adapter assign them. Every problem is a
-CheckpointError naming the source, the layer and the array.
+parameters of every layer; only then does the adapter assign them, staging every layer's
+assignment before running any (``stage_assignments``: a stage that checks its layer and
+prepares the values makes a layer that cannot take them fail the import before anything
+changes). Every problem is a CheckpointError naming the source, the layer and the array.
 """
 
 from __future__ import annotations
