@@ -296,6 +296,12 @@ def assert_help_matches_readme(prog: str, help_text: str, readme: Path = README)
     shared, own = readme_flag_tables(readme)
     entries = help_entries(help_text)
     column = 2 + RECIPE_COLUMNS.index(prog)
+
+    def check_default(flag: str, readme_default: str) -> None:
+        shown = entries[flag][1]
+        assert shown is None or _same_default(readme_default, shown), \
+            (prog, flag, readme_default, shown)
+
     expected: set[str] = {"--help"}
     for flags_cell, defaults_cell, _ in shared:
         flags = re.findall(r"--[\w-]+", flags_cell)
@@ -303,8 +309,7 @@ def assert_help_matches_readme(prog: str, help_text: str, readme: Path = README)
         expected.update(flags)
         for flag, default in zip(flags, defaults if len(defaults) == len(flags) else []):
             assert flag in entries, (prog, flag)
-            if entries[flag][1] is not None:
-                assert _same_default(default, entries[flag][1]), (prog, flag, default, entries[flag])
+            check_default(flag, default)
     for row in own:
         (flag,), default, text = re.findall(r"--[\w-]+", row[0]), row[1], row[column]
         if text.startswith(NO_SUCH_FLAG):
@@ -312,8 +317,7 @@ def assert_help_matches_readme(prog: str, help_text: str, readme: Path = README)
             continue
         expected.add(flag)
         assert entries.get(flag, (None,))[0] == text, (prog, flag, entries.get(flag), text)
-        if entries[flag][1] is not None:
-            assert _same_default(default, entries[flag][1]), (prog, flag, default, entries[flag])
+        check_default(flag, default)
     assert set(entries) == expected, (prog, sorted(set(entries) ^ expected))
 
 
