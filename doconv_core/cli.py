@@ -331,9 +331,11 @@ def fused_kernel(layer: Layer) -> np.ndarray:
     work = np.float32 if dtype.itemsize < 4 else dtype
     D = None if layer.D is None else np.asarray(layer.D, dtype=work)
     groups = layer.inferred_groups() or 1  # a kernel of one element: the weight is W itself
-    with np.errstate(over="ignore", invalid="ignore"):  # inf in, inf out: no warning lines
+    # A file's inf or nan, or a sum beyond a 16-bit float's range, gives inf or nan in the
+    # kernel as it would in the layer: no warning lines.
+    with np.errstate(over="ignore", invalid="ignore"):
         kernel = compose_kernel(D, W.astype(work), groups=groups, kernel_size=layer.kernel_size)
-    return kernel.astype(dtype)
+        return kernel.astype(dtype)
 
 
 def fuse_entries(entries: "collections.OrderedDict[str, Any]", layers: list[Layer],
@@ -381,9 +383,11 @@ def detect_format(path: str) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as error:
-            raise CheckpointError(f"{where} is a truncated or corrupt zip archive: {error}"
-                                  ) from None
+        # zipfile raises NotImplementedError for a version or compression it lacks.
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError,
+                RuntimeError) as error:
+            raise CheckpointError(f"{where} is a truncated or corrupt zip archive: "
+                                  f"{_first_line(error)}") from None
         if "config.json" in names and any(n.endswith(".weights.h5") for n in names):
             return "keras"
         if any(n.endswith("data.pkl") for n in names):

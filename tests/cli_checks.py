@@ -184,9 +184,10 @@ def expected_fusion(entries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             _, groups, kernel_size = read_extra_state(entries[prefix + "_extra_state"].tolist())
             work = np.float32 if value.dtype.itemsize < 4 else value.dtype
             D = entries.get(prefix + "D")
-            fused[prefix + "weight"] = compose_kernel(
-                None if D is None else D.astype(work), value.astype(work), groups=groups,
-                kernel_size=kernel_size).astype(value.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # a mutated file's inf, nan
+                fused[prefix + "weight"] = compose_kernel(
+                    None if D is None else D.astype(work), value.astype(work), groups=groups,
+                    kernel_size=kernel_size).astype(value.dtype)
         elif key not in dropped:
             fused[key] = value
     return fused

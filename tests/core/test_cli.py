@@ -452,3 +452,20 @@ def test_a_float16_state_dict_fuses_composed_in_float32(tmp_path):
                                kernel_size=(3, 3)).astype(np.float16)
     assert arrays["features.0.weight"].dtype == np.float16
     np.testing.assert_array_equal(arrays["features.0.weight"], kernel)
+
+
+def test_a_zip_of_an_unsupported_version_is_one_line(tmp_path):
+    """zipfile's NotImplementedError ("zip file version 6.4"), found by the fuzz tests, was a
+    traceback."""
+    import zipfile
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    path = tmp_path / "model.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model/data.pkl", b"\x80\x02}q\x00.")
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 6:central + 8] = (64).to_bytes(2, "little")  # version needed: 6.4
+    path.write_bytes(bytes(raw))
+    for args in (("inspect", path), ("fuse", path, tmp_path / "plain.pt")):
+        assert_failed_cleanly(run_in_process(*args), tmp_path, [path],
+                              r"truncated or corrupt zip archive: NotImplementedError")
