@@ -6,7 +6,8 @@
   Keras' layout, ``layer.fuse()`` the Conv layer of the same rank (a DepthwiseConv1D or
   DepthwiseConv2D for a depthwise layer Keras has one for), ``layer.to_params()`` /
   ``DOConv2D.from_params(...)`` / ``layer.set_params(...)`` the core's container.
-* ``convert`` / ``fuse``: copies of whole Sequential and Functional models, any mix of ranks.
+* ``convert`` / ``fuse``: uncompiled copies of whole Sequential and Functional models, any mix
+  of ranks.
 * ``doconv_layers``: {layer name: DO-Conv layer} of a model.
 * ``export_params`` / ``import_params``: whole models in the portable container, by layer name.
 * ``load_legacy``: the original reference Keras layer's W ('kernel'), D and bias, for a whole
