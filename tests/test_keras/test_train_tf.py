@@ -184,6 +184,21 @@ def test_builtin_resnet20_matches_the_pytorch_recipes_network():
     assert tuple(model(x).shape) == (2, 10)
 
 
+def test_builtin_resnet20_is_drawn_from_the_seed_each_layer_its_own_draw():
+    from samples import models_tf
+
+    def kernels(seed: int) -> list[np.ndarray]:
+        keras.utils.set_random_seed(seed)
+        model = models_tf.resnet20(num_classes=10, input_shape=(28, 28, 3))
+        return [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+
+    first, again, other = kernels(1), kernels(1), kernels(2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not any(np.array_equal(a, b) for a, b in zip(first, other) if a.std() > 0)
+    same_shape = [w for w in first if w.shape == (3, 3, 16, 16)]  # layer1's 6 convs
+    assert len(same_shape) == 6 and len({w.tobytes() for w in same_shape}) == 6
+
+
 def test_training_batches_follow_the_seed_and_epoch_order_under_default_workers(monkeypatch):
     # Keras reads batches ahead (its symbolic build, tf.data's prefetching, the next epoch's
     # iterator made at the end of this one): every step must still train on the batch the
