@@ -572,6 +572,8 @@ def read_gluon_exported(path: str, symbol: str) -> tuple[StateFile, dict]:
         try:
             kernel = tuple(int(k) for k in attrs["kernel"].strip("()[] ").split(",") if k.strip())
             groups = int(attrs.get("num_group", "1"))
+            if not 1 <= len(kernel) <= 3:
+                raise ValueError(kernel)
         except (KeyError, ValueError):
             raise CheckpointError(f"{symbol!r}: node {name!r} has no readable kernel/num_group "
                                   "attributes") from None
@@ -601,7 +603,35 @@ def _read_symbol(symbol: str) -> dict:
             not isinstance(graph.get("heads"), list):
         raise CheckpointError(f"--symbol {symbol!r} is not an MXNet symbol file (no nodes and "
                               "heads)")
+    problem = _graph_problem(graph)
+    if problem:
+        raise CheckpointError(f"--symbol {symbol!r} is a malformed symbol graph: {problem} "
+                              "(pass the PREFIX-symbol.json net.export wrote)")
     return graph
+
+
+def _graph_problem(graph: dict) -> Optional[str]:
+    """What makes ``graph`` (nodes and heads) unfit for fusing, or None: every node an object
+    with string name and op, string attributes, inputs and heads that name earlier nodes."""
+    count = len(graph["nodes"])
+
+    def is_entry(entry: Any, below: int) -> bool:
+        return isinstance(entry, list) and 2 <= len(entry) <= 3 and \
+            all(isinstance(n, int) and not isinstance(n, bool) for n in entry) and \
+            0 <= entry[0] < below
+    for index, node in enumerate(graph["nodes"]):
+        if not isinstance(node, dict) or not isinstance(node.get("name"), str) or \
+                not isinstance(node.get("op"), str):
+            return f"node {index} is not an object with a string name and op"
+        attrs = node.get("attrs", node.get("attr", {}))
+        if not isinstance(attrs, dict) or not all(isinstance(v, str) for v in attrs.values()):
+            return f"node {node['name']!r} has attributes that are not strings"
+        inputs = node.get("inputs", [])
+        if not isinstance(inputs, list) or not all(is_entry(e, count) for e in inputs):
+            return f"node {node['name']!r} has inputs that are not [node, output] pairs"
+    if not all(is_entry(head, count) for head in graph["heads"]):
+        return "its heads are not [node, output] pairs"
+    return None
 
 
 def fused_symbol(graph: dict, layers: list[Layer]) -> dict:

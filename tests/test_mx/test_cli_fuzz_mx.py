@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from strategies import fuzz_settings
-from tests.cli_checks import check_fuse_property, mutated_states
+from tests.cli_checks import (assert_failed_cleanly, check_fuse_property, mutated_states,
+                              run_in_process)
 
 
 def read_params(path: Path) -> dict:
@@ -46,3 +47,51 @@ def test_fuse_of_a_mutated_parameter_file(case, data):
             source.write_bytes(data.draw(gluon_byte_mutations(source.read_bytes())))
         check_fuse_property(source, Path(directory) / "plain.params", read_params,
                             read_params)
+
+
+def exported(directory: Path) -> tuple[Path, Path]:
+    """A small exported model (net.export): PREFIX-0000.params and PREFIX-symbol.json."""
+    from doconv_mx import DOConv2D
+    net = mx.gluon.nn.HybridSequential()
+    with net.name_scope():
+        net.add(DOConv2D(4, 3, groups=2, in_channels=2), DOConv2D(2, (1, 3), in_channels=4))
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.ones((1, 2, 6, 6)))
+    net.export(str(directory / "net"))
+    return directory / "net-0000.params", directory / "net-symbol.json"
+
+
+JSON_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.text(max_size=5),
+                      st.lists(st.integers(-2, 9), max_size=3), st.dictionaries(
+                          st.sampled_from(["kernel", "num_group", "op", "name"]),
+                          st.text(max_size=5), max_size=2))
+
+
+@fuzz_settings(20)
+@given(st.data())
+def test_fuse_of_an_exported_model_with_a_mutated_symbol(data):
+    import json
+    with tempfile.TemporaryDirectory() as directory:
+        params, symbol = exported(Path(directory))
+        graph = json.loads(symbol.read_text())
+        for _ in range(data.draw(st.integers(1, 3))):
+            node = data.draw(st.sampled_from(graph["nodes"]))
+            where = data.draw(st.sampled_from(["attrs", "inputs", "op", "name", "graph"]))
+            if where == "attrs" and isinstance(node.get("attrs"), dict) and node["attrs"]:
+                key = data.draw(st.sampled_from(sorted(node["attrs"])))
+                node["attrs"][key] = data.draw(JSON_JUNK)
+            elif where == "graph":
+                graph[data.draw(st.sampled_from(sorted(graph)))] = data.draw(JSON_JUNK)
+                break
+            else:
+                node[where] = data.draw(JSON_JUNK)
+        symbol.write_text(json.dumps(graph))
+        out = Path(directory) / "plain-0000.params"
+        result = run_in_process("fuse", params, out, "--symbol", symbol)
+        if result[0] != 0:
+            assert_failed_cleanly(result, Path(directory), [params, symbol])
+        else:
+            assert sorted(p.name for p in Path(directory).iterdir()) == sorted(
+                [params.name, symbol.name, out.name, "plain-symbol.json"])
+            json.loads((Path(directory) / "plain-symbol.json").read_text())

@@ -201,3 +201,24 @@ def test_a_float16_parameter_file_fuses_composed_in_float32(tmp_path):
                                  kernel_size=(3, 3)).astype(np.float16)
     assert weight.dtype == np.float16
     np.testing.assert_array_equal(weight, expected)
+
+
+def test_a_malformed_symbol_is_one_line(tmp_path):
+    """Found by the fuzz tests: nodes that are not objects, attributes that are not strings
+    and inputs naming no node were AttributeError and TypeError tracebacks."""
+    import json
+    from tests.cli_checks import assert_failed_cleanly, run_in_process
+    from tests.test_mx.test_cli_fuzz_mx import exported
+    params, symbol = exported(tmp_path)
+    good = json.loads(symbol.read_text())
+    conv = next(i for i, node in enumerate(good["nodes"]) if node["op"] == "Convolution")
+    for change in (lambda g: g["nodes"].__setitem__(0, 1),
+                   lambda g: g["nodes"][conv]["attrs"].__setitem__("num_group", None),
+                   lambda g: g["nodes"][conv]["attrs"].__setitem__("kernel", 3),
+                   lambda g: g["nodes"][conv].__setitem__("inputs", [[999, 0, 0]])):
+        graph = json.loads(json.dumps(good))
+        change(graph)
+        symbol.write_text(json.dumps(graph))
+        assert_failed_cleanly(run_in_process("fuse", params, tmp_path / "plain-0000.params",
+                                             "--symbol", symbol), tmp_path, [params, symbol],
+                              r"--symbol .* is a malformed symbol graph")
