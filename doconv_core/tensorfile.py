@@ -145,7 +145,10 @@ def _is_count(value: Any) -> bool:
 
 _JSON_SPACE = " \t\n\r"  # JSON's whitespace, which the reference reader allows before '{'
 _SNIFF = 64  # how far into the header is_safetensors looks for the '{'
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+# A JSON string, or an unterminated one up to the end of the text: with the closing quote
+# optional every match succeeds from where it starts, so the scan is linear (a required quote
+# made an unterminated run of escaped quotes retry from each quote: quadratic time).
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_CHUNK = 1 << 20
 

@@ -4,6 +4,8 @@ a container cannot hold."""
 
 import os
 import re
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -164,3 +166,31 @@ def test_npz_refuses_layer_names_with_nul_characters(tmp_path):
     assert os.listdir(tmp_path) == []
     dc.save_params(tmp_path / "m.safetensors", layers)
     assert list(dc.load_params(tmp_path / "m.safetensors")) == ["a\0b"]
+
+
+# An unterminated run of escaped quotes: a string scan that retries from each quote is
+# quadratic in it (about an hour for a 1 MB header); a linear one reads it in milliseconds.
+ESCAPED_QUOTES = '{"' + '\\"' * 500_000
+
+
+def _refused_in_a_child(tmp_path, path, read):
+    """Run ``read(path)`` in a new process that must end within 60 s: on a quadratic scan it
+    would run for hours (the file is 1 MB), so the limit is far from this test's normal time."""
+    script = tmp_path / "read.py"
+    script.write_text("import sys\nimport doconv_core as dc\n"
+                      f"try:\n    {read}(sys.argv[1])\n"
+                      "except dc.CheckpointError as error:\n    print('refused:', error)\n")
+    done = subprocess.run([sys.executable, str(script), str(path)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.startswith("refused:") and "invalid JSON" in done.stdout, done.stdout
+
+
+def test_an_unterminated_run_of_escaped_quotes_is_refused_in_linear_time(tmp_path):
+    assert dc.tensorfile.json_depth('{"' + '\\"' * 100 + "[[[") == 1  # inside the open string
+    header = tmp_path / "header.safetensors"
+    header.write_bytes(len(ESCAPED_QUOTES).to_bytes(8, "little") + ESCAPED_QUOTES.encode())
+    _refused_in_a_child(tmp_path, header, "dc.read_safetensors")
+    portable = tmp_path / "model.safetensors"
+    dc.save_params(portable, LAYERS)
+    rewrite_safetensors_metadata(portable, lambda m: m.update(layers=ESCAPED_QUOTES))
+    _refused_in_a_child(tmp_path, portable, "dc.load_params")
