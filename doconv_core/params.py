@@ -12,8 +12,8 @@ against the archive before anything is allocated), never unpickled.
 
 Arrays are float16, float32, float64 or bfloat16 (``ml_dtypes.bfloat16``, which NumPy
 alone lacks). safetensors carries all four; ``.npz`` cannot store bfloat16 (NumPy records
-it as raw 2-byte records), so saving one there is a ValueError that says to use
-safetensors. Reading a bfloat16 file needs ``ml_dtypes`` (a CheckpointError naming it
+it as raw 2-byte records), so an ``.npz`` file gets bfloat16 arrays widened to float32,
+which holds them exactly (earlier releases wrote them so too); safetensors keeps BF16. Reading a bfloat16 file needs ``ml_dtypes`` (a CheckpointError naming it
 otherwise).
 """
 
@@ -210,15 +210,10 @@ def save_params(path: Union[str, os.PathLike], layers: Union[DOConvParams, Param
             if "\0" in name:  # zipfile ends a member name at its first NUL
                 raise ValueError(f"layer names in an .npz file cannot hold NUL characters, got "
                                  f"{name!r}: save to a .safetensors path")
-            for part, array in _parts(params).items():
-                if not np.asarray(array).dtype.kind == "f":
-                    raise ValueError(
-                        f"layers[{name!r}].{part} has dtype {np.asarray(array).dtype}, which "
-                        "the .npz container cannot store (float16, float32 and float64 "
-                        "only): save to a .safetensors path, which holds bfloat16 too, or "
-                        "cast to float32")
         meta = {"format": FORMAT_NAME, "version": NPZ_VERSION, "layers": specs}
-        arrays = {f"{name}/{part}": array for name, params in layers.items()
+        # .npz has no bfloat16: widened to float32, exactly (DOConvParams holds floats only).
+        arrays = {f"{name}/{part}": array.astype(np.float32) if is_bfloat16(array.dtype)
+                  else array for name, params in layers.items()
                   for part, array in _parts(params).items()}
         arrays[_META_KEY] = np.array(json.dumps(meta))
         buffer = io.BytesIO()

@@ -3,6 +3,7 @@ doconv_core, doconv-math.md), one implementation for every number of spatial axe
 
 # No `from __future__ import annotations` here: TorchScript reads this module's annotations.
 import dataclasses
+import importlib.util
 import math
 from typing import Any, List, Optional, Tuple, Union
 
@@ -24,12 +25,17 @@ _Size = Union[int, Tuple[int, ...]]
 _Device = Optional[Union[str, torch.device]]
 
 
-def _numpy(tensor: Optional[Tensor]) -> Optional[np.ndarray]:
-    """A detached CPU NumPy copy; bfloat16 (which NumPy lacks) widens exactly to float32."""
+def _numpy(tensor: Optional[Tensor], *, portable: bool = False) -> Optional[np.ndarray]:
+    """A detached CPU NumPy copy. bfloat16, which NumPy lacks, widens exactly to float32, or
+    with ``portable`` stays bfloat16 as an ml_dtypes array where ml_dtypes is installed (the
+    portable format stores it as BF16)."""
     if tensor is None:
         return None
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
+        if portable and importlib.util.find_spec("ml_dtypes") is not None:
+            import ml_dtypes
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
         tensor = tensor.float()
     return tensor.numpy().copy()
 
@@ -522,7 +528,8 @@ class _DOConvNd(nn.Module):
 
     def to_params(self) -> DOConvParams:
         """The core's portable container (canonical layout, NumPy arrays)."""
-        return DOConvParams(self._spec, _numpy(self.W), _numpy(self.D), _numpy(self.bias))
+        return DOConvParams(self._spec, *(_numpy(part, portable=True)
+                                          for part in (self.W, self.D, self.bias)))
 
     @classmethod
     def from_params(cls, params: DOConvParams, *, device: _Device = None,

@@ -217,7 +217,10 @@ def test_bfloat16_parameters():
     layer = DOConv2d(2, 2, 3, dtype=torch.bfloat16)
     assert layer(torch.randn(1, 2, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
     params = layer.to_params()
-    assert params.W.dtype == np.float32  # NumPy has no bfloat16; widening is exact
+    # bfloat16 stays bfloat16 (an ml_dtypes array, as Keras' to_params gives), exactly.
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # the torch env has it (constraints/torch.txt)
+    assert params.W.dtype == ml_dtypes.bfloat16 and params.D.dtype == ml_dtypes.bfloat16
+    assert torch.equal(torch.from_numpy(params.W.astype(np.float32)), layer.W.float())
 
 
 def test_composition_is_one_batched_product_whatever_the_channel_count(compose_backend):

@@ -286,6 +286,24 @@ def test_export_import_params_for_a_whole_model(tmp_path):
     assert list(dc.load_params(tmp_path / "one.npz")) == ["layer"]
 
 
+@pytest.mark.parametrize("dtype, code", [(torch.bfloat16, "BF16"), (torch.float16, "F16")])
+def test_16_bit_models_export_in_their_dtype(tmp_path, dtype, code):
+    # The portable format carries bfloat16 (as BF16, through ml_dtypes) and float16: an
+    # export is not widened to F32, and it imports back bit for bit.
+    model = convert(small_resnet()).to(dtype)
+    path = tmp_path / "model.safetensors"
+    export_params(model, path)
+    header, _ = dc.read_safetensors_header(path)
+    assert {entry["dtype"] for entry in header.values()} == {code}
+    other = convert(small_resnet()).to(dtype)
+    import_params(other, path)
+    for name, layer in doconv_layers(other).items():
+        for part in ("W", "D", "bias"):
+            value = getattr(layer, part)
+            if value is not None:
+                assert torch.equal(value, getattr(doconv_layers(model)[name], part)), (name, part)
+
+
 def test_import_params_mismatches_change_nothing(tmp_path):
     model = convert(small_resnet())
     path = tmp_path / "model.npz"
