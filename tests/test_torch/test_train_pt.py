@@ -204,7 +204,12 @@ def test_bad_input_under_torchrun_fails_on_every_rank_without_hanging(tmp_path):
                   str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
     assert result.returncode != 0
     message = f"train_pt.py: error: --data {tmp_path / 'missing'}: no such folder"
-    assert result.stderr.count(message) == 2  # both ranks, each its one line
+    # Each rank checks on its own and fails with its one line; but torchrun SIGTERMs the
+    # other rank as soon as one fails, so on a loaded machine a rank still importing torch
+    # ends by that signal first (about 1 run in 4 here): one or two lines.
+    assert result.stderr.count(message) in (1, 2), result.stderr
+    if result.stderr.count(message) == 1:
+        assert "exitcode  : -15" in result.stderr, result.stderr  # torchrun's SIGTERM
     assert not (tmp_path / "out").exists()
 
 
