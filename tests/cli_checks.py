@@ -200,8 +200,12 @@ def assert_same_entries(found: dict, expected: dict) -> None:
             assert found[key] == value, key
             continue
         got = np.asarray(found[key])
-        assert got.dtype == value.dtype and got.shape == value.shape, (key, got.dtype, value.dtype)
-        assert np.array_equal(got.view(np.uint8), np.ascontiguousarray(value).view(np.uint8)), key
+        # Byte order is the file's, not the value's: safetensors is little-endian only.
+        assert (got.dtype.newbyteorder("=") == value.dtype.newbyteorder("=")
+                and got.shape == value.shape), (key, got.dtype, value.dtype)
+        native = [np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+                  for array in (got, value)]
+        assert np.array_equal(native[0].view(np.uint8), native[1].view(np.uint8)), key
 
 
 def check_fuse_property(source: Path, out: Path, read_input, read_output, *args: object) -> bool:

@@ -114,6 +114,8 @@ def header_mutations(draw, file: SafetensorsFile) -> str:
     if kind in ("entry field", "dtype", "shape", "offsets", "extra key", "drop"):
         name = draw(st.sampled_from(names))
         entry = file.header[name]
+        if not isinstance(entry, dict) and kind != "drop":  # an earlier mutation replaced it
+            file.header[name] = entry = {}
         if kind == "drop":
             del file.header[name]
         elif kind == "entry field":
@@ -121,7 +123,8 @@ def header_mutations(draw, file: SafetensorsFile) -> str:
         elif kind == "dtype":
             entry["dtype"] = draw(st.sampled_from(tuple(DTYPES)) | st.text(max_size=4))
         elif kind == "shape":
-            shape = list(entry["shape"])
+            # An earlier "entry field" mutation may have left any JSON value here.
+            shape = list(entry["shape"]) if isinstance(entry.get("shape"), list) else []
             change = draw(st.sampled_from(["append", "change", "remove", "huge"]))
             if change == "append" or not shape:
                 shape.append(draw(st.integers(0, 4)))
@@ -133,8 +136,12 @@ def header_mutations(draw, file: SafetensorsFile) -> str:
                 shape = [0] + [2**draw(st.integers(31, 70))] * draw(st.integers(1, 3))
             entry["shape"] = shape
         elif kind == "offsets":
-            index = draw(st.integers(0, 1))
-            entry["data_offsets"][index] += draw(st.integers(-9, 9) | st.integers(-2**65, 2**65))
+            offsets = entry.get("data_offsets")
+            if not (isinstance(offsets, list) and len(offsets) == 2
+                    and all(type(offset) is int for offset in offsets)):
+                offsets = entry["data_offsets"] = [0, 0]  # an earlier mutation replaced them
+            offsets[draw(st.integers(0, 1))] += draw(st.integers(-9, 9)
+                                                     | st.integers(-2**65, 2**65))
         else:
             entry[draw(st.text(max_size=4))] = draw(JSON_VALUES)
     elif kind == "metadata":
